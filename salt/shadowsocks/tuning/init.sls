@@ -1,0 +1,3 @@
+# `state.apply shadowsocks.tuning`: kernel sysctls, then open-file limits.
+include:
+  - shadowsocks.tuning.sysctl
