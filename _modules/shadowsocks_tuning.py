@@ -183,10 +183,10 @@ MODULES_LOAD_NAME = "shadowsocks-tuning.conf"
 
 # Dot-separated segments; the kernel's own names (interfaces under conf/,
 # neigh/) may hold capitals, '@', ':' and '+'. No '/', no '..', no blanks.
-_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_@:+-]*$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_@:+-]*\Z")  # \Z: `$` would let a trailing newline through
 _TOP_LEVEL = ("abi", "crypto", "debug", "dev", "fs", "kernel", "net", "sunrpc", "user", "vm")
-_WORD = re.compile(r"^[a-z0-9_]{1,32}$")
-_INT = re.compile(r"^[+]?[0-9]{1,20}$")
+_WORD = re.compile(r"^[a-z0-9_]{1,32}\Z")
+_INT = re.compile(r"^[+]?[0-9]{1,20}\Z")
 
 
 # --------------------------------------------------------------------------
@@ -518,6 +518,8 @@ def _probe_one(key, wanted=None, child=None):
         if child:
             note += f"; allowed in this namespace: {' '.join(allowed)}"
         return {"status": "writable", "reason": note}
+    if spec.get("scope") == "global" and child:
+        return {"status": "writable", "reason": "writable, but global: from this namespace it changes the whole host"}
     return {"status": "writable", "reason": "writable"}
 
 
@@ -577,6 +579,12 @@ def _all_profiles(extra):
     if not isinstance(extra, dict):
         raise SaltInvocationError(f"pillar {PILLAR}:profiles must be a mapping of profile name to profile")
     for name, body in extra.items():
+        # The name is written into the persisted file (`# profile: NAME`): a
+        # newline in it would add a live line there.
+        if not re.match(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z", name):
+            raise SaltInvocationError(
+                f"pillar {PILLAR}:profiles: profile name {name!r} must be 1-64 letters, digits, '.', '_' or '-'"
+            )
         if not isinstance(body, dict):
             raise SaltInvocationError(f"pillar {PILLAR}:profiles:{name} must be a mapping with 'include' and/or 'sysctls'")
         unknown = set(body) - {"include", "sysctls", "description"}
@@ -643,8 +651,13 @@ def _settings(profile=None, sysctls=None, config=None, force=None, policy=None, 
         wanted[key] = normalise(key, value, where)
 
     config = config or data.get("config") or DEFAULTS["config"]
-    if not isinstance(config, str) or not os.path.isabs(config) or "\n" in config or "\0" in config or ".." in config.split("/"):
-        raise SaltInvocationError(f"pillar {PILLAR}:config: {config!r} must be an absolute file path without '..'")
+    # Only *.conf: the engine rewrites this file 0644, so a path such as
+    # /etc/shadow must never be taken (and `sysctl --system` reads only *.conf).
+    if (not isinstance(config, str) or not os.path.isabs(config) or "\n" in config or "\0" in config
+            or ".." in config.split("/") or not config.endswith(".conf")):
+        raise SaltInvocationError(
+            f"pillar {PILLAR}:config: {config!r} must be an absolute file path ending in .conf, without '..'"
+        )
 
     force = force if force is not None else data.get("force", [])
     if force is True:
@@ -661,6 +674,8 @@ def _settings(profile=None, sysctls=None, config=None, force=None, policy=None, 
     if unknown:
         raise SaltInvocationError(f"pillar {PILLAR}:policy: unknown field(s) {', '.join(sorted(unknown))} (allowed: unavailable, override, keys)")
     per_key = policy.get("keys") or {}
+    if not isinstance(per_key, dict):
+        raise SaltInvocationError(f"pillar {PILLAR}:policy:keys: {per_key!r} must be a mapping of sysctl key to warn or strict")
     checks = [("unavailable", policy.get("unavailable", "warn")), ("override", policy.get("override", "warn"))]
     checks += [(f"keys:{k}", v) for k, v in per_key.items()] if isinstance(per_key, dict) else [("keys", per_key)]
     for field, value in checks:
@@ -749,7 +764,7 @@ def _effective(key, wanted, live, force):
 
 def _modprobe(module, dry_run):
     """Load a kernel module; returns (ok, message). No shell, fixed argv."""
-    if not re.match(r"^[a-z0-9_]{1,64}$", module):
+    if not re.match(r"^[a-z0-9_]{1,64}\Z", module):
         return False, f"refusing to load module {module!r}"
     binary = shutil.which("modprobe", path="/usr/sbin:/sbin:/usr/bin:/bin")
     if binary is None:
@@ -896,6 +911,7 @@ def _atomic_write(path, text, mode=None):
     previous = None
     with contextlib.suppress(FileNotFoundError):
         previous = os.stat(path)
+    keep_owner = mode is None  # an explicit mode means a root-owned file with that mode
     if mode is None:
         mode = previous.st_mode & 0o7777 if previous else 0o644
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.sst-")
@@ -904,7 +920,7 @@ def _atomic_write(path, text, mode=None):
             handle.write(text.encode("utf-8", errors="surrogateescape"))
             handle.flush()
             os.fsync(handle.fileno())
-        if previous is not None and (previous.st_uid, previous.st_gid) != (os.geteuid(), os.getegid()):
+        if keep_owner and previous is not None and (previous.st_uid, previous.st_gid) != (os.geteuid(), os.getegid()):
             os.chown(tmp, previous.st_uid, previous.st_gid)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
@@ -1008,14 +1024,25 @@ def _remember(originals, sysctls=None, files=None):
 
 @contextlib.contextmanager
 def _lock():
-    """One apply at a time per box: concurrent runs queue, never interleave."""
-    os.makedirs(_opt("state_dir"), mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(_opt("state_dir"), "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    """One apply at a time per box: concurrent runs queue, never interleave.
+    Under umask 022 whatever the caller's: os.makedirs gives the parents it
+    creates 0777 & ~umask, world-writable under umask 000."""
+    umask = os.umask(0o022)
+    try:
+        os.makedirs(_opt("state_dir"), mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(_opt("state_dir"), "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        os.umask(umask)
+        raise CommandExecutionError(
+            f"cannot take the lock in {_opt('state_dir')}: {exc.strerror or exc}; nothing was changed "
+            "(shadowsocks_tuning.state_dir must be a writable directory)"
+        )
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
+        os.umask(umask)
 
 
 # --------------------------------------------------------------------------
@@ -1032,6 +1059,9 @@ def _plan(settings, test):
     wanted = settings["sysctls"]
     force = set(settings["force"])
     child = _in_child_netns()
+    # A read-only /proc/sys mount says nothing about the kernel that reads the
+    # file at boot: its keys are reported, their persisted lines left alone.
+    proc_read_only = bool(os.statvfs(_opt("proc_root")).f_flag & os.ST_RDONLY)
     plan = {
         "writes": {},      # key -> (old, new)
         "values": {},      # key -> value to persist
@@ -1068,7 +1098,8 @@ def _plan(settings, test):
                 plan["errors"].append(message + f" (policy strict; set pillar {PILLAR}:policy:keys:{key}: warn to skip it)")
             else:
                 plan["skipped"].append(message)
-                plan["dropped"][key] = status["status"]
+                if not proc_read_only:
+                    plan["dropped"][key] = status["status"]
             continue
         live = _read(key)
         plan["live"][key] = live
@@ -1091,6 +1122,9 @@ def _file_change(path, new_text):
             fromfile=path if old_text is not None else "/dev/null", tofile=path,
         )
     )
+    # Bytes that are not UTF-8 (held as surrogates to be written back as they
+    # were) break Salt's msgpack and JSON output: show them as \xe9.
+    diff = diff.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return {"old": old_text, "new": new_text, "diff": diff}
 
 
@@ -1142,11 +1176,19 @@ def diff(profile=None, sysctls=None, config=None, force=None, policy=None, conge
 
 
 def _changes(settings, test):
+    config = settings["config"]
+    if os.path.islink(config):
+        # Following it would copy the target's lines into a 0644 file (and a
+        # link in a world-writable directory can point anywhere).
+        raise CommandExecutionError(
+            f"{config} is a symbolic link (to {os.readlink(config)}); refusing to follow it: "
+            f"point pillar {PILLAR}:config at a regular file"
+        )
     plan = _plan(settings, test)
     changes = {key: {"old": old, "new": new} for key, (old, new) in plan["writes"].items()}
-    config = settings["config"]
     new_conf = _render_conf(_read_text(config), plan["values"], plan["dropped"], settings["profile"])
-    conf_change = _file_change(config, new_conf)
+    # Nothing to persist and no file yet: do not create an empty one.
+    conf_change = _file_change(config, new_conf) if new_conf or os.path.lexists(config) else None
     if conf_change:
         changes[config] = {"diff": conf_change["diff"]}
     modules_path, modules_text = _modules_load(plan["module"])
@@ -1184,7 +1226,8 @@ def apply(profile=None, sysctls=None, config=None, force=None, policy=None, cong
     """
     settings = _settings(profile, sysctls, config, force, policy, congestion_fallback)
     with _lock():
-        _remove_stray_temporaries(settings["config"])
+        for path in (settings["config"], _originals_path(), os.path.join(_opt("modules_load_dir"), MODULES_LOAD_NAME)):
+            _remove_stray_temporaries(path)
         result, plan, new_conf, modules_path, modules_text = _changes(settings, test=False)
         if result["errors"]:
             raise CommandExecutionError("; ".join(result["errors"]))
@@ -1192,7 +1235,12 @@ def apply(profile=None, sysctls=None, config=None, force=None, policy=None, cong
             return result
         originals = _load_originals()
         files = [settings["config"]] + ([modules_path] if modules_text is not None else [])
-        _remember(originals, {k: old for k, (old, _) in plan["writes"].items()}, files)
+        try:
+            _remember(originals, {k: old for k, (old, _) in plan["writes"].items()}, files)
+        except OSError as exc:
+            raise CommandExecutionError(
+                f"cannot save the original values in {_opt('state_dir')}: {exc.strerror or exc}; nothing was changed"
+            )
         written = []
         try:
             for key, (old, new) in plan["writes"].items():
@@ -1202,9 +1250,10 @@ def apply(profile=None, sysctls=None, config=None, force=None, policy=None, cong
                     raise CommandExecutionError(_write_error(key, new, exc))
                 written.append((key, old))
             if settings["config"] in result["changes"]:
-                _atomic_write(settings["config"], new_conf)
+                # root-owned 0644 whatever the file was: its lines run as root at boot
+                _atomic_write(settings["config"], new_conf, mode=0o644)
             if modules_text is not None:
-                _atomic_write(modules_path, modules_text)
+                _atomic_write(modules_path, modules_text, mode=0o644)
         except (CommandExecutionError, OSError) as exc:
             failed = _rollback(written)
             message = exc if isinstance(exc, CommandExecutionError) else f"cannot persist {settings['config']}: {exc}"
@@ -1250,7 +1299,10 @@ def verify(profile=None, sysctls=None, config=None, force=None):
     report = {}
     expected_file = {}
     for key, text in settings["sysctls"].items():
-        status = _probe_one(key, None, child)
+        # The congestion control is probed with its value, as apply does: one
+        # that apply skipped as restricted here is reported so, not as drift.
+        cc_wanted = text if key == CONGESTION_KEY and not settings["congestion_fallback"] else None
+        status = _probe_one(key, cc_wanted, child)
         if status["status"] != "writable":
             satisfied = status["status"] == "absent" and _absent_is_satisfied(key, text)
             report[key] = {"status": "ok" if satisfied else status["status"], "wanted": text, "live": None, "reason": status["reason"]}
@@ -1258,8 +1310,7 @@ def verify(profile=None, sysctls=None, config=None, force=None):
         live = _read(key)
         target, _ = _effective(key, text, live, key in force_keys)
         if key == CONGESTION_KEY and settings["congestion_fallback"] and live == settings["congestion_fallback"] and live != target:
-            available = (_read_or(_AVAILABLE_CC) or "").split()
-            if text not in available:
+            if _probe_one(key, text, child)["status"] == "restricted":  # unavailable, or not allowed here
                 target = live
         expected_file[key] = target
         entry = {"status": "ok", "wanted": target, "live": live, "persisted": persisted.get(key)}
@@ -1322,3 +1373,1177 @@ def clean(test=False):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(_originals_path())
         return changes
+
+
+# ---- Open-file limits ----
+#
+# The recipe's second half. Sysctls alone do not stop `too many open files`:
+# the daemon's own RLIMIT_NOFILE must be raised, and it only changes when the
+# daemon is started again by a parent that can grant it. These functions put
+# the limit where each service manager reads it (`ulimit -n N` in
+# /etc/default/supervisor and init scripts, MAXFD=N for shadowsocks-libev,
+# minfds=N in supervisord.conf, LimitNOFILE=N in systemd drop-ins), stop and
+# start the service so the limit reaches the daemon, and read /proc to show
+# whether it did.
+#
+# Minion options of this part (all optional; the defaults are the real system):
+#   shadowsocks_tuning.init_dir: /etc/init.d              # sysvinit scripts
+#   shadowsocks_tuning.service_cmd: service               # used when init_dir is /etc/init.d
+#   shadowsocks_tuning.systemctl: systemctl
+#   shadowsocks_tuning.systemd_marker: /run/systemd/system   # exists <=> systemd is PID 1
+#   shadowsocks_tuning.systemd_dir: /etc/systemd/system      # where drop-ins go
+#   shadowsocks_tuning.unit_dirs: [/etc/systemd/system, ..., /lib/systemd/system]
+import resource  # noqa: E402  (this section's own import, kept with it)
+import select  # noqa: E402
+import time  # noqa: E402
+
+NOFILE_DEFAULT = 51200  # the recipe's value; salt/shadowsocks/defaults.yaml holds the same for the SLS
+CAP_SYS_RESOURCE = 24  # capability(7) bit: may raise a hard limit
+SUPERVISORD_NAME = "supervisord"
+# Server and client programs of shadowsocks-libev, shadowsocks (Python) and
+# shadowsocks-rust, by process name.
+SS_PROCESS_NAMES = (
+    "ss-server", "ss-local", "ss-manager", "ss-redir", "ss-tunnel", "ss-nat",
+    "ssserver", "sslocal", "ssmanager", "ssservice", "ssredir", "sstunnel",
+)
+NOFILE_OPTIONS = {
+    "init_dir": "/etc/init.d",
+    "service_cmd": "service",
+    "systemctl": "systemctl",
+    # sd_booted(3): systemd is PID 1 exactly when this directory exists.
+    "systemd_marker": "/run/systemd/system",
+    "systemd_dir": "/etc/systemd/system",
+    "unit_dirs": ["/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
+                  "/usr/lib/systemd/system", "/lib/systemd/system"],
+}
+# Named to sort after `override.conf` (systemctl edit): a later drop-in wins.
+DROPIN_NAME = "shadowsocks-tuning-nofile.conf"
+NOFILE_COMMENT = "# Open-file limit, managed by Salt (shadowsocks_tuning)"
+INIT_SYSTEMS = ("auto", "systemd", "sysvinit")
+RESTART_WHEN = ("running", "always", "never")
+IF_MISSING = ("fail", "skip")  # what to do when the file (or unit) is not there
+LIMITS = f"{PILLAR}:limits"
+_LIMITS_FIELDS = {
+    "": ("init_system", "restart", "timeout", "supervisor", "shadowsocks_libev", "init_scripts", "units", "verify"),
+    "supervisor": ("service", "pidfile", "defaults_file", "config", "unit"),
+    "shadowsocks_libev": ("service", "pidfile", "defaults_file", "units"),
+    "init_scripts": ("path", "service", "pidfile"),
+    "verify": ("pidfiles", "wait"),
+}
+_SHELLS = ("sh", "dash", "bash", "ash", "ksh", "mksh", "zsh", "busybox", "init-d-script")
+_SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9@._+:-]{0,254}$")
+_UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.\\-]+(?:@[A-Za-z0-9:_.\\-]*)?\.service$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# Printable, and nothing a shell would expand or split when it sources the file.
+_ENV_VALUE = re.compile(r"^[A-Za-z0-9_./:@%+,=-]{0,256}$")
+# `ulimit -n N`, `ulimit -SHn N`, `ulimit -S -n "$MAXFD"  # why`: a line of its own.
+_ULIMIT_LINE = re.compile(
+    r"^(?P<indent>[ \t]*)ulimit(?:[ \t]+-[SH]+)*[ \t]+-[SH]*n[SH]*[ \t]+(?P<value>[^\s;&|#]+)(?P<tail>[ \t]*(?:#.*)?)$"
+)
+_ULIMIT_QUERY = re.compile(r"^[ \t]*ulimit(?:[ \t]+-[SH]+)*[ \t]+-[SH]*n[SH]*[ \t]*(?:#.*)?$")
+# `ulimit ... -n` anywhere a command can start: compound forms this module does not rewrite.
+_ULIMIT_ANY = re.compile(r"(?:^|[;&|({]|\b(?:then|do|else)\b)[ \t]*ulimit\b[^;&|#]*[ \t]-[A-Za-z]*n")
+_INI_SECTION = re.compile(r"^[ \t]*\[(?P<name>[^\]]*)\][ \t]*(?:[;#].*)?$")
+_MINFDS = re.compile(r"^(?P<key>minfds)(?P<sep>[ \t]*[=:][ \t]*)(?P<value>[^;#\s]*)(?P<tail>.*)$", re.IGNORECASE)
+_SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# What `service` gives an init script: no variables of the salt process leak in.
+_SERVICE_ENV = {"PATH": _SYSTEM_PATH, "LANG": "C"}
+
+
+def _nofile_opt(name):
+    opts = globals().get("__opts__") or {}
+    return opts.get(f"shadowsocks_tuning.{name}", NOFILE_OPTIONS[name])
+
+
+def _nr_open():
+    try:
+        return int(_read_or("fs.nr_open"))
+    except (TypeError, ValueError):
+        return 1048576  # the kernel's default
+
+
+def validate_nofile(nofile, where="nofile"):
+    """
+    Check an open-file limit and return it as an integer: a positive whole
+    number no higher than ``fs.nr_open``, the kernel's ceiling for any
+    process's RLIMIT_NOFILE.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call shadowsocks_tuning.validate_nofile 51200
+    """
+    number = None
+    if isinstance(nofile, int) and not isinstance(nofile, bool):
+        number = nofile
+    elif isinstance(nofile, str) and re.fullmatch(r"[ \t]*\+?[0-9]{1,19}[ \t]*", nofile):
+        number = int(nofile)
+    if number is None or number < 1:
+        raise SaltInvocationError(
+            f"{where}: {nofile!r} is not a positive integer; give the open-file limit the daemons should get, e.g. 51200"
+        )
+    nr_open = _nr_open()
+    if number > nr_open:
+        raise SaltInvocationError(
+            f"{where}: {number} is above fs.nr_open ({nr_open}), the kernel's ceiling for a process's open-file "
+            "limit; lower it, or raise fs.nr_open first"
+        )
+    return number
+
+
+def _abs_path(path, where):
+    if (
+        not isinstance(path, str) or not os.path.isabs(path) or any(c in path for c in "\0\n\r")
+        or ".." in path.split("/")
+    ):
+        raise SaltInvocationError(f"{where}: {path!r} must be an absolute path without '..', e.g. /etc/default/supervisor")
+    return os.path.normpath(path)
+
+
+def _choice(value, allowed, where):
+    if value not in allowed:
+        raise SaltInvocationError(f"{where}: {value!r} must be one of {', '.join(allowed)}")
+    return value
+
+
+def _service_name(name, where):
+    if not isinstance(name, str) or not _SERVICE_NAME.match(name):
+        raise SaltInvocationError(
+            f"{where}: {name!r} is not a service name (letters, digits, '@._+:-', no '/'), e.g. supervisor"
+        )
+    return name
+
+
+def _unit_name(unit, where):
+    """`supervisor` -> `supervisor.service`; template units keep their `@`."""
+    name = unit
+    if isinstance(name, str) and not name.endswith(".service") and "." not in name.rsplit("@", 1)[-1]:
+        name += ".service"
+    if not isinstance(name, str) or not _UNIT_NAME.match(name):
+        raise SaltInvocationError(
+            f"{where}: {unit!r} is not a systemd service unit such as supervisor.service or "
+            "shadowsocks-libev-server@.service"
+        )
+    return name
+
+
+def _timeout(value, where, low=1, high=600):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise SaltInvocationError(f"{where}: {value!r} must be a number of seconds from {low} to {high}")
+    return value
+
+
+# --------------------------------------------------------------------------
+# Line editing: pure functions, text in and text out. Lines are split on
+# "\n" only, so CRLF endings, stray control characters and a missing final
+# newline all survive byte for byte.
+# --------------------------------------------------------------------------
+def _split_lines(text):
+    """[(body, ending)]: ending is "\\n", "\\r\\n" or "" (a last line without newline)."""
+    parts = (text or "").split("\n")
+    last = parts.pop()
+    lines = [(part[:-1], "\r\n") if part.endswith("\r") else (part, "\n") for part in parts]
+    if last:
+        lines.append((last, ""))
+    return lines
+
+
+def _join(lines):
+    return "".join(body + ending for body, ending in lines)
+
+
+def _eol(lines):
+    return next((ending for _, ending in lines if ending), "\n")
+
+
+def _insert_lines(lines, index, bodies, eol):
+    """Insert new lines before `index`; at the end, a file without a final
+    newline keeps that shape (the separator goes before the new lines)."""
+    lines = list(lines)
+    if index < len(lines):
+        lines[index:index] = [(body, eol) for body in bodies]
+        return lines
+    unterminated = bool(lines) and lines[-1][1] == ""
+    if unterminated:
+        lines[-1] = (lines[-1][0], eol)
+    lines.extend((body, eol) for body in bodies)
+    if unterminated:
+        lines[-1] = (lines[-1][0], "")
+    return lines
+
+
+def _keep_final_newline(before, after):
+    """A dropped last line must not give the file a final newline it lacked."""
+    if before and before[-1][1] == "" and after and after[-1][1] != "":
+        after[-1] = (after[-1][0], "")
+    return after
+
+
+def _is_comment(body):
+    return body.lstrip().startswith("#")
+
+
+def _check_shell_script(lines, path):
+    first = lines[0][0] if lines else ""
+    if not first.startswith("#!"):
+        return  # no interpreter line: the kernel hands it to /bin/sh
+    words = first[2:].split()
+    program = os.path.basename(words[0]) if words else ""
+    if program == "env":
+        program = os.path.basename(next((w for w in words[1:] if not w.startswith("-")), ""))
+    if program not in _SHELLS:
+        raise CommandExecutionError(
+            f"{path}: not a shell script ({first.strip()}); `ulimit -n` only works in a shell script: "
+            "set the limit where this daemon is started instead, or remove it from pillar "
+            f"{LIMITS}:init_scripts"
+        )
+
+
+def _init_insert_index(lines):
+    """Where a new `ulimit` line runs before anything else in an init script:
+    right after the LSB header, else after the leading comments."""
+    for index, (body, _) in enumerate(lines):
+        if body.strip() == "### END INIT INFO":
+            return index + 1
+    index = 0
+    while index < len(lines) and (not lines[index][0].strip() or _is_comment(lines[index][0])):
+        index += 1
+    return index
+
+
+def _render_ulimit(text, nofile, path, placement="end"):
+    """Exactly one active `ulimit -n <nofile>` line: the first existing one is
+    rewritten in place (indentation and trailing comment kept), later ones are
+    dropped, commented-out ones are left alone. Without one, a new line goes at
+    the end (a sourced defaults file) or before the first command (an init
+    script). Returns (new_text, old_value or None)."""
+    lines = _split_lines(text)
+    if placement == "init":
+        _check_shell_script(lines, path)
+    wanted = f"ulimit -n {nofile}"
+    out, old = [], None
+    for number, (body, ending) in enumerate(lines, 1):
+        if _is_comment(body):
+            out.append((body, ending))
+            continue
+        match = _ULIMIT_LINE.match(body)
+        if match:
+            if old is None:
+                old = match.group("value")
+                out.append((f"{match.group('indent')}{wanted}{match.group('tail')}", ending))
+            continue
+        if _ULIMIT_ANY.search(body) and not _ULIMIT_QUERY.match(body):
+            raise CommandExecutionError(
+                f"{path}:{number}: {body.strip()!r} sets the open-file limit in a form this module does not "
+                "rewrite; make it a plain `ulimit -n N` line of its own (or remove it) and run again"
+            )
+        out.append((body, ending))
+    if old is None:
+        index = _init_insert_index(out) if placement == "init" else len(out)
+        out = _insert_lines(out, index, [NOFILE_COMMENT, wanted], _eol(lines))
+    return _join(_keep_final_newline(lines, out)), old
+
+
+def _render_assignment(text, key, value, path):
+    """Exactly one active `KEY=value` line (`export KEY=...` too): the first is
+    rewritten in place, keeping its quotes and trailing comment; later ones are
+    dropped; missing, it is appended. Returns (new_text, old_value or None)."""
+    pattern = re.compile(
+        r"^(?P<indent>[ \t]*)(?P<export>export[ \t]+)?" + re.escape(key)
+        + r"=(?P<value>\"[^\"]*\"|'[^']*'|[^\s;&|#]*)(?P<tail>.*)$"
+    )
+    lines = _split_lines(text)
+    out, old = [], None
+    for body, ending in lines:
+        match = None if _is_comment(body) else pattern.match(body)
+        if not match:
+            out.append((body, ending))
+            continue
+        if old is None:
+            raw = match.group("value")
+            quote = raw[0] if raw[:1] in ("'", '"') else ""
+            old = raw[1:-1] if quote else raw
+            new = f"{match.group('indent')}{match.group('export') or ''}{key}={quote}{value}{quote}{match.group('tail')}"
+            out.append((new, ending))
+    if old is None:
+        out = _insert_lines(out, len(out), [NOFILE_COMMENT, f"{key}={value}"], _eol(lines))
+    return _join(_keep_final_newline(lines, out)), old
+
+
+def _render_minfds(text, nofile, path):
+    """`minfds=<nofile>` in the [supervisord] section of a supervisord config:
+    the first one rewritten in place, later ones in that section dropped;
+    missing, it goes after the first [supervisord] section's last setting.
+    Returns (new_text, old_value or None)."""
+    lines = _split_lines(text)
+    out, old = [], None
+    section, first, anchor = None, False, None  # anchor: index in `out` to insert after
+    for body, ending in lines:
+        header = _INI_SECTION.match(body)
+        if header:
+            section = header.group("name").strip()
+            first = section == "supervisord" and anchor is None
+            if first:
+                anchor = len(out)
+            out.append((body, ending))
+            continue
+        match = _MINFDS.match(body) if section == "supervisord" else None
+        if match:
+            if old is None:
+                old = match.group("value")
+                out.append((f"{match.group('key')}{match.group('sep')}{nofile}{match.group('tail')}", ending))
+            continue
+        stripped = body.strip()
+        if first and stripped and stripped[0] not in ";#":
+            anchor = len(out)
+        out.append((body, ending))
+    if anchor is None:
+        raise CommandExecutionError(
+            f"{path}: no [supervisord] section, so this is not supervisord's main configuration; set pillar "
+            f"{LIMITS}:supervisor:config to that file (Debian: /etc/supervisor/supervisord.conf)"
+        )
+    if old is None:
+        out = _insert_lines(out, anchor + 1, [f"minfds={nofile}"], _eol(lines))
+    return _join(_keep_final_newline(lines, out)), old
+
+
+def _render_dropin(nofile, unit):
+    return (
+        f"# Open-file limit of {unit}, managed by Salt (shadowsocks_tuning).\n"
+        f"[Service]\nLimitNOFILE={nofile}\n"
+    )
+
+
+# --------------------------------------------------------------------------
+# Writing one managed file
+# --------------------------------------------------------------------------
+def _read_managed(path):
+    try:
+        return _read_text(path)
+    except IsADirectoryError:
+        raise CommandExecutionError(f"{path} is a directory, not a file; fix the path in pillar {LIMITS}")
+    except OSError as exc:
+        raise CommandExecutionError(f"{path}: cannot read: {exc.strerror or exc}")
+
+
+def _manage_file(path, render, what, test, if_missing="fail"):
+    """Render the new text of `path` from its current text, and unless `test`
+    write it atomically, after recording the original so `clean` can put it
+    back byte for byte. `if_missing` may also be `create` (drop-ins, which
+    this module owns outright)."""
+    result = {"path": path, "what": what, "changed": False, "skipped": False, "old": None, "new": None, "diff": ""}
+    with (contextlib.nullcontext() if test else _lock()):
+        text = _read_managed(path)
+        if text is None and if_missing == "skip":
+            result.update(skipped=True, comment=f"{path} does not exist: nothing to manage")
+            return result
+        if text is None and if_missing == "fail":
+            raise CommandExecutionError(
+                f"{path} does not exist; install the service it belongs to, or fix or remove the path in pillar {LIMITS}"
+            )
+        new_text, old_value, new_value = render(text)
+        result.update(old=old_value, new=new_value)
+        change = _file_change(path, new_text)
+        if change is None:
+            result["comment"] = f"{path}: {what} {new_value} is in place"
+            return result
+        result.update(changed=True, diff=change["diff"])
+        if test:
+            result["comment"] = f"{path}: {what} would be set to {new_value} (now {old_value or 'not set'})"
+            return result
+        _remember(_load_originals(), files=[path])
+        try:
+            _atomic_write(path, new_text)
+        except OSError as exc:
+            raise CommandExecutionError(f"{path}: cannot write: {exc.strerror or exc}; the file is unchanged")
+        result["comment"] = f"{path}: {what} set to {new_value} (was {old_value or 'not set'})"
+        return result
+
+
+def set_ulimit(path, nofile, placement="end", test=False, if_missing="fail"):
+    """
+    Give a shell file exactly one active ``ulimit -n <nofile>`` line: an
+    existing ``ulimit -n`` line is rewritten in place, never duplicated, and
+    every other line (comments, CRLF endings, a missing final newline) stays
+    byte for byte. ``placement=end`` appends a new line (a file sourced by an
+    init script, such as ``/etc/default/supervisor``); ``placement=init`` puts
+    it right after the LSB header, before the script starts anything.
+    ``if_missing``: ``fail`` or ``skip``. Returns what changed, with a diff.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call shadowsocks_tuning.set_ulimit /etc/default/supervisor 51200 test=True
+        salt-call shadowsocks_tuning.set_ulimit /etc/init.d/shadowsocks 51200 placement=init
+    """
+    path = _abs_path(path, "path")
+    nofile = validate_nofile(nofile)
+    _choice(placement, ("end", "init"), "placement")
+    _choice(if_missing, IF_MISSING, "if_missing")
+
+    def render(text):
+        new_text, old = _render_ulimit(text, nofile, path, placement)
+        return new_text, old, str(nofile)
+
+    return _manage_file(path, render, "ulimit -n", test, if_missing)
+
+
+def set_assignment(path, key, value, test=False, if_missing="fail"):
+    """
+    Give a shell-sourced defaults file exactly one active ``KEY=value`` line,
+    e.g. ``MAXFD=51200`` in ``/etc/default/shadowsocks-libev`` (its init
+    script runs ``ulimit -n ${MAXFD}``). Quotes and a trailing comment of the
+    existing line are kept; other lines stay byte for byte.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call shadowsocks_tuning.set_assignment /etc/default/shadowsocks-libev MAXFD 51200
+    """
+    path = _abs_path(path, "path")
+    if not isinstance(key, str) or not _ENV_KEY.match(key):
+        raise SaltInvocationError(f"key: {key!r} is not a shell variable name such as MAXFD")
+    _choice(if_missing, IF_MISSING, "if_missing")
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not _ENV_VALUE.match(str(value)):
+        raise SaltInvocationError(
+            f"{key}: {value!r} is not a plain value (letters, digits and ./:@%+,=- only; nothing a shell would expand)"
+        )
+    value = str(value)
+
+    def render(text):
+        new_text, old = _render_assignment(text, key, value, path)
+        return new_text, old, value
+
+    return _manage_file(path, render, key, test, if_missing)
+
+
+def set_minfds(path, nofile, test=False, if_missing="fail"):
+    """
+    Set ``minfds=<nofile>`` in the ``[supervisord]`` section of supervisord's
+    configuration, so supervisord raises its own limit (and its programs') even
+    where it is started without ``/etc/default/supervisor``. supervisord
+    refuses to start when ``minfds`` is above its hard limit: the SLS checks
+    that first (see ``nofile_check``).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call shadowsocks_tuning.set_minfds /etc/supervisor/supervisord.conf 51200 test=True
+    """
+    path = _abs_path(path, "path")
+    nofile = validate_nofile(nofile)
+    _choice(if_missing, IF_MISSING, "if_missing")
+
+    def render(text):
+        new_text, old = _render_minfds(text, nofile, path)
+        return new_text, old, str(nofile)
+
+    return _manage_file(path, render, "minfds", test, if_missing)
+
+
+def _unit_file(unit):
+    """The unit file systemd would load for `unit` (a template for an instance), or None."""
+    names = [unit]
+    if "@" in unit and not unit.endswith("@.service"):
+        names.append(unit.split("@", 1)[0] + "@.service")
+    for directory in _nofile_opt("unit_dirs"):
+        for name in names:
+            candidate = os.path.join(directory, name)
+            if os.path.isfile(candidate):
+                return candidate
+    return None
+
+
+def dropin_path(unit):
+    """
+    The drop-in file that carries ``LimitNOFILE`` for a unit; for a template
+    unit (``name@.service``) it applies to every instance.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call shadowsocks_tuning.dropin_path shadowsocks-libev-server@.service
+    """
+    unit = _unit_name(unit, "unit")
+    return os.path.join(_nofile_opt("systemd_dir"), f"{unit}.d", DROPIN_NAME)
+
+
+def set_systemd_nofile(unit, nofile, test=False, if_missing="fail"):
+    """
+    Write a systemd drop-in with ``LimitNOFILE=<nofile>`` for a service unit
+    (template units such as ``shadowsocks-libev-server@.service`` included).
+    Run ``daemon-reload`` and restart the unit afterwards (``stop_start``).
+    ``if_missing`` applies to the unit: ``skip`` leaves units that are not
+    installed alone.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call shadowsocks_tuning.set_systemd_nofile supervisor.service 51200 test=True
+    """
+    unit = _unit_name(unit, "unit")
+    nofile = validate_nofile(nofile)
+    _choice(if_missing, IF_MISSING, "if_missing")
+    path = dropin_path(unit)
+    if _unit_file(unit) is None:
+        if if_missing == "skip":
+            return {"path": path, "what": "LimitNOFILE", "changed": False, "skipped": True, "old": None,
+                    "new": None, "diff": "", "comment": f"{unit} is not installed: nothing to manage"}
+        raise CommandExecutionError(
+            f"{unit}: no unit file in {', '.join(_nofile_opt('unit_dirs'))}; install it, or remove it from pillar {LIMITS}"
+        )
+
+    def render(text):
+        match = re.search(r"^LimitNOFILE=(\S*)", text or "", re.MULTILINE)
+        return _render_dropin(nofile, unit), match.group(1) if match else None, str(nofile)
+
+    return _manage_file(path, render, "LimitNOFILE", test, if_missing="create")
+
+
+def init_system(prefer="auto"):
+    """
+    Which service manager to go through: ``systemd`` when it is PID 1
+    (``/run/systemd/system`` exists, as sd_booted(3) checks), else
+    ``sysvinit`` (``service NAME stop|start`` and /etc/init.d scripts).
+    ``prefer`` forces one.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call shadowsocks_tuning.init_system
+    """
+    _choice(prefer, INIT_SYSTEMS, f"pillar {LIMITS}:init_system")
+    if prefer != "auto":
+        return prefer
+    return "systemd" if os.path.isdir(_nofile_opt("systemd_marker")) else "sysvinit"
+
+
+# --------------------------------------------------------------------------
+# Processes: /proc only
+# --------------------------------------------------------------------------
+def _proc_stat(pid):
+    """(comm, state, ppid) from /proc/<pid>/stat, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    head, _, rest = text.rpartition(")")
+    fields = rest.split()
+    if len(fields) < 2:
+        return None
+    return head.split("(", 1)[-1], fields[0], int(fields[1])
+
+
+def _alive(pid):
+    stat = _proc_stat(pid)
+    return stat is not None and stat[1] != "Z"
+
+
+def _proc_nofile(pid):
+    """(soft, hard) 'Max open files' of a process, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/limits") as handle:
+            for line in handle:
+                if line.startswith("Max open files"):
+                    soft, hard = line[len("Max open files"):].split()[:2]
+                    return tuple(None if v == "unlimited" else int(v) for v in (soft, hard))
+    except OSError:
+        return None
+    return None
+
+
+def _has_cap_sys_resource(pid="self"):
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
+def _proc_argv(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return [a.decode("utf-8", "replace") for a in handle.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _match_name(comm, argv, names):
+    if comm in names:
+        return comm
+    candidates = argv[:1]
+    # Python programs (ssserver, supervisord) show as `python3 /usr/bin/NAME` when started that way.
+    if argv and os.path.basename(argv[0]).startswith(("python", "pypy")):
+        candidates = argv[1:2]
+    for arg in candidates:
+        base = os.path.basename(arg)
+        base = base[:-3] if base.endswith(".py") else base
+        if base in names:
+            return base
+    return None
+
+
+def _process_table():
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _proc_stat(int(entry))
+            if stat is not None and stat[1] != "Z":
+                table[int(entry)] = stat
+    return table
+
+
+def _pid_from(pidfile):
+    try:
+        with open(pidfile, "rb") as handle:
+            return int(handle.read(64).split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _subtree(table, roots):
+    children = {}
+    for pid, (_, _, ppid) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    seen, todo = set(), [r for r in roots if r in table]
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo.extend(children.get(pid, ()))
+    return seen
+
+
+def nofile_grantable():
+    """
+    The highest open-file limit a service started from this process can get:
+    ``fs.nr_open`` with CAP_SYS_RESOURCE, else this process's own hard limit
+    (``ulimit -n N`` above it fails with "Operation not permitted").
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call shadowsocks_tuning.nofile_grantable
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    nr_open = _nr_open()
+    cap = _has_cap_sys_resource("self")
+    hard_value = nr_open if hard == resource.RLIM_INFINITY else hard
+    if cap:
+        limit = nr_open
+        reason = f"salt has CAP_SYS_RESOURCE, so it can grant up to fs.nr_open ({nr_open})"
+    else:
+        limit = min(hard_value, nr_open)
+        reason = (
+            f"salt runs with a hard open-file limit of {hard_value} and without CAP_SYS_RESOURCE (CapEff bit "
+            f"{CAP_SYS_RESOURCE}), so a service it starts can get at most {limit}"
+        )
+    return {"limit": limit, "soft": soft, "hard": hard_value, "cap_sys_resource": cap, "nr_open": nr_open,
+            "reason": reason}
+
+
+def _why_low(entry, wanted, table, nr_open):
+    soft, hard = entry["soft"], entry["hard"]
+    if wanted > nr_open:
+        return f"fs.nr_open is {nr_open}: no process can have {wanted}"
+    if hard is not None and hard < wanted:
+        ppid = table.get(entry["pid"], (None, None, None))[2]
+        parent = _proc_nofile(ppid) if ppid else None
+        if parent and parent[1] is not None and parent[1] < wanted and not _has_cap_sys_resource(ppid):
+            pname = table.get(ppid, ("?",))[0]
+            return (
+                f"capped: its parent {pname} (pid {ppid}) has a hard limit of {parent[1]} and no CAP_SYS_RESOURCE, "
+                f"so `ulimit -n {wanted}` could not raise it; start it from a parent that can grant {wanted}, "
+                f"or lower nofile to {parent[1]}"
+            )
+        if not entry["cap_sys_resource"]:
+            return (
+                f"its hard limit is {hard} and it has no CAP_SYS_RESOURCE to raise it: it was started with a "
+                "lower limit; stop and start it so the configured limit applies"
+            )
+        return f"it was started with a hard limit of {hard}; stop and start it so the configured limit applies"
+    return (
+        f"its soft limit {soft} is below {wanted} although its hard limit {hard} allows it: it was started "
+        "before the limit was configured, or not through the configured path; stop and start it"
+    )
+
+
+def nofile(wanted=None, names=None, pidfiles=None, wait=0):
+    """
+    Report the open-file limits of supervisord and every shadowsocks process
+    (``ss-server``, ``ss-local``, ``ss-manager``, ``ss-redir``, ``ssserver``,
+    ``sslocal``, ...): soft and hard from ``/proc/<pid>/limits`` against the
+    wanted N (pillar ``shadowsocks:tuning:nofile``, else 51200), and for a
+    process below N the reason when it can be told (a parent's hard limit
+    without CAP_SYS_RESOURCE, ``fs.nr_open``, or a process started before the
+    limit was configured). ``pidfiles`` limits the report to the process trees
+    of those daemons; ``wait`` seconds gives restarted daemons time to come up.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call shadowsocks_tuning.nofile
+        salt-call shadowsocks_tuning.nofile 16384 pidfiles='[/var/run/supervisord.pid]'
+    """
+    where = "wanted"
+    if wanted is None:
+        wanted, where = _pillar_tuning().get("nofile", NOFILE_DEFAULT), f"pillar {PILLAR}:nofile"
+    wanted = validate_nofile(wanted, where)
+    if names is None:
+        names = (SUPERVISORD_NAME,) + SS_PROCESS_NAMES
+    elif isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if isinstance(pidfiles, str):
+        pidfiles = [pidfiles]
+    pidfiles = [_abs_path(p, "pidfiles") for p in (pidfiles or [])]
+    wait = _timeout(wait, "wait", 0, 600)
+    deadline = time.monotonic() + wait
+    while True:
+        report = _nofile_report(wanted, set(names), pidfiles)
+        if report["ok"] or time.monotonic() >= deadline:
+            return report
+        time.sleep(0.5)
+
+
+def _nofile_report(wanted, names, pidfiles):
+    table = _process_table()
+    scope = None
+    if pidfiles:
+        roots = [pid for pid in (_pid_from(p) for p in pidfiles) if pid]
+        scope = _subtree(table, roots)
+    nr_open = _nr_open()
+    processes, problems = [], []
+    for pid in sorted(table):
+        if scope is not None and pid not in scope:
+            continue
+        name = _match_name(table[pid][0], _proc_argv(pid), names)
+        limits = _proc_nofile(pid) if name else None
+        if limits is None:
+            continue
+        soft, hard = limits
+        entry = {"pid": pid, "name": name, "soft": soft, "hard": hard,
+                 "cap_sys_resource": _has_cap_sys_resource(pid)}
+        entry["ok"] = soft is None or soft >= wanted
+        if not entry["ok"]:
+            entry["reason"] = _why_low(entry, wanted, table, nr_open)
+            problems.append(f"{name} (pid {pid}): soft {soft}, hard {hard}: {entry['reason']}")
+        processes.append(entry)
+    grantable = nofile_grantable()
+    return {
+        "wanted": wanted,
+        "ok": not problems,
+        "processes": processes,
+        "problems": problems,
+        "grantable": grantable,
+        "comment": _nofile_comment(wanted, processes, problems, grantable, pidfiles),
+    }
+
+
+def _nofile_comment(wanted, processes, problems, grantable, pidfiles):
+    where = f" under {', '.join(pidfiles)}" if pidfiles else ""
+    if not processes:
+        return f"no supervisord or shadowsocks process is running{where}: nothing to check"
+    seen = ", ".join(f"{p['name']}[{p['pid']}] {p['soft']}/{p['hard']}" for p in processes)
+    if not problems:
+        return f"every process runs with at least {wanted} open files{where}: {seen}"
+    lines = [f"{len(problems)} of {len(processes)} process(es){where} run with an open-file limit below {wanted}:"]
+    lines.extend(f"- {p}" for p in problems)
+    if grantable["limit"] < wanted:
+        lines.append(f"Cap here: {grantable['reason']}.")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Services: stop, wait until gone, start (never the init script's `restart`:
+# Debian 12's /etc/init.d/supervisor restart only stops supervisord)
+# --------------------------------------------------------------------------
+def _run_service(argv, timeout):
+    """Run one service command with a clean environment; returns (rc, output).
+    Output is read through a pipe and kept short; a daemon that keeps the pipe
+    open cannot hold this up, as reading stops once the command has exited."""
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=dict(_SERVICE_ENV), close_fds=True, start_new_session=True,
+        )
+    except OSError as exc:
+        raise CommandExecutionError(f"cannot run {' '.join(argv)}: {exc.strerror or exc}")
+    kept = bytearray()
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+
+    def read():
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return None
+        kept.extend(chunk[: max(0, 16384 - len(kept))])
+        return chunk
+
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise CommandExecutionError(f"`{' '.join(argv)}` did not finish within {timeout} s; it was killed")
+            if select.select([fd], [], [], 0.1)[0] and read() == b"":
+                # Every writer closed the pipe: just wait for the command itself.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        # The command has exited: take what is already in the pipe, without
+        # waiting for a daemon that still holds it (and may write forever).
+        for _ in range(64):
+            if not select.select([fd], [], [], 0)[0] or not read():
+                break
+    finally:
+        proc.stdout.close()
+    return proc.returncode, kept.decode("utf-8", "replace").strip()
+
+
+def _service_argv(name, action):
+    init_dir = _nofile_opt("init_dir")
+    script = os.path.join(init_dir, name)
+    if not os.path.isfile(script):
+        raise CommandExecutionError(
+            f"service {name}: no init script {script}; install the service, or fix its name in pillar {LIMITS}"
+        )
+    service = shutil.which(_nofile_opt("service_cmd"), path=_SYSTEM_PATH)
+    if init_dir == NOFILE_OPTIONS["init_dir"] and service:
+        return [service, name, action]
+    return [script, action]
+
+
+def _sysv_running(name, pidfile):
+    """The daemon's pid (from its pidfile), True (status exit 0), or None."""
+    if pidfile:
+        pid = _pid_from(pidfile)
+        return pid if pid and _alive(pid) else None
+    rc, _ = _run_service(_service_argv(name, "status"), 30)
+    return True if rc == 0 else None
+
+
+def _sysv_stopped(name, pidfile, old):
+    if isinstance(old, int) and not isinstance(old, bool):
+        stat = _proc_stat(old)
+        # A zombie still named by its pidfile makes start-stop-daemon think it runs.
+        return stat is None or (stat[1] == "Z" and _pid_from(pidfile) != old)
+    return _sysv_running(name, pidfile) is None
+
+
+def _wait_for(predicate, timeout, interval=0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def _describe_run(argv, rc, output):
+    return f"`{' '.join(argv)}` exited {rc}" + (f": {output[-600:]}" if output else "")
+
+
+def _sysv_stop_start(name, pidfile, when, timeout, test):
+    running = _sysv_running(name, pidfile)
+    old = f"running (pid {running})" if running not in (None, True) else ("running" if running else "stopped")
+    result = {"name": name, "changed": False, "old": old, "new": old}
+    if when == "never":
+        result["comment"] = f"{name}: restart is off (restart: never); stop and start it yourself for the new limit"
+        return result
+    if running is None and when == "running":
+        result["comment"] = f"{name} is not running: left stopped (it gets the new limit when it starts)"
+        return result
+    if test:
+        result.update(changed=True, new="stopped and started",
+                      comment=f"{name} would be stopped and started (service {name} stop, then start)")
+        return result
+    if running is not None:
+        argv = _service_argv(name, "stop")
+        rc, output = _run_service(argv, timeout)
+        if rc != 0:
+            raise CommandExecutionError(
+                f"service {name} could not be stopped: {_describe_run(argv, rc, output)}; it still runs with its old limit"
+            )
+        if not _wait_for(lambda: _sysv_stopped(name, pidfile, running), timeout):
+            raise CommandExecutionError(
+                f"service {name} still runs {timeout} s after `stop`; not started again, check it by hand"
+            )
+    argv = _service_argv(name, "start")
+    rc, output = _run_service(argv, timeout)
+    if rc != 0:
+        raise CommandExecutionError(f"service {name} failed to start: {_describe_run(argv, rc, output)}")
+    now = _wait_for(lambda: _sysv_running(name, pidfile), timeout)
+    if not now:
+        raise CommandExecutionError(
+            f"service {name} failed to start: not running {timeout} s after {_describe_run(argv, rc, output)}"
+        )
+    result.update(changed=True, new=f"running (pid {now})" if now is not True else "running",
+                  comment=f"{name} stopped and started")
+    return result
+
+
+def _systemctl():
+    binary = shutil.which(_nofile_opt("systemctl"), path=_SYSTEM_PATH)
+    if binary is None:
+        raise CommandExecutionError("systemctl not found, although systemd was chosen (pillar "
+                                    f"{LIMITS}:init_system); set it to sysvinit or auto")
+    return binary
+
+
+def _systemd_restart(unit, when, timeout, test):
+    unit = _unit_name(unit, "unit")
+    template = unit.endswith("@.service")
+    target = unit[: -len("@.service")] + "@*.service" if template else unit
+    result = {"name": unit, "changed": False, "old": None, "new": None}
+    if when == "never":
+        result["comment"] = f"{unit}: restart is off (restart: never); run systemctl daemon-reload and restart it yourself"
+        return result
+    systemctl = _systemctl()
+    if when == "running" and not template:
+        rc, _ = _run_service([systemctl, "is-active", "--quiet", "--", unit], timeout)
+        if rc != 0:
+            argv = [systemctl, "daemon-reload"]
+            if not test:
+                rc, output = _run_service(argv, timeout)
+                if rc != 0:
+                    raise CommandExecutionError(f"{unit}: {_describe_run(argv, rc, output)}")
+            result["comment"] = f"{unit} is not active: systemd reloaded, unit left stopped"
+            return result
+    # A template's instances are matched by pattern; only loaded (running) ones restart.
+    action = "try-restart" if when == "running" or template else "restart"
+    commands = [[systemctl, "daemon-reload"], [systemctl, action, "--", target]]
+    if test:
+        result.update(changed=True, new="restarted",
+                      comment=f"would run: {'; '.join(' '.join(c[1:]) for c in commands)}")
+        return result
+    for argv in commands:
+        rc, output = _run_service(argv, timeout)
+        if rc != 0:
+            raise CommandExecutionError(f"{unit} failed to restart: {_describe_run(argv, rc, output)}")
+    result.update(changed=True, new="restarted", comment=f"{target}: daemon-reload, {action}")
+    return result
+
+
+def stop_start(name, pidfile=None, when="running", init="auto", timeout=30, test=False):
+    """
+    Stop a service, wait until it is really gone, then start it, so that it
+    comes back with the open-file limit now configured. Never the init
+    script's ``restart``: Debian 12's ``/etc/init.d/supervisor restart`` only
+    stops supervisord. Under systemd: ``daemon-reload`` then ``restart``
+    (``try-restart`` for template units, by pattern).
+
+    name
+        The service (sysvinit: ``/etc/init.d/NAME``) or unit (systemd).
+    pidfile
+        The daemon's pidfile: tells whether it runs and when it is gone more
+        reliably than an init script's ``status``.
+    when
+        ``running`` (default: only a running service), ``always`` (start it
+        even if it was stopped), ``never``.
+    init
+        ``auto``, ``systemd`` or ``sysvinit`` (see ``init_system``).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call shadowsocks_tuning.stop_start supervisor pidfile=/var/run/supervisord.pid test=True
+    """
+    when = _choice(when, RESTART_WHEN, "when")
+    timeout = _timeout(timeout, "timeout")
+    if pidfile is not None:
+        pidfile = _abs_path(pidfile, "pidfile")
+    if init_system(init) == "systemd":
+        return _systemd_restart(name, when, timeout, test)
+    return _sysv_stop_start(_service_name(name, "name"), pidfile, when, timeout, test)
+
+
+# --------------------------------------------------------------------------
+# Everything at once, before anything is written
+# --------------------------------------------------------------------------
+def _unknown_fields(data, section, where, errors):
+    allowed = _LIMITS_FIELDS[section]
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        errors.append(f"{where}: unknown field(s) {', '.join(map(str, unknown))} (allowed: {', '.join(allowed)})")
+
+
+def _collect(errors, func, *args):
+    try:
+        return func(*args)
+    except (SaltInvocationError, CommandExecutionError) as exc:
+        errors.append(str(exc))
+        return None
+
+
+def _limits_targets(limits, errors):
+    """Normalise pillar shadowsocks:tuning:limits into the files, units and
+    services it names, collecting every error instead of stopping at one."""
+    out = {"init": "auto", "files": [], "units": [], "services": []}
+    if limits is None:
+        return out
+    if not isinstance(limits, dict):
+        errors.append(f"pillar {LIMITS} must be a mapping (supervisor, shadowsocks_libev, init_scripts, units, ...)")
+        return out
+    _unknown_fields(limits, "", f"pillar {LIMITS}", errors)
+    out["init"] = limits.get("init_system", "auto")
+    _collect(errors, init_system, out["init"])
+    _collect(errors, _choice, limits.get("restart", "running"), RESTART_WHEN, f"pillar {LIMITS}:restart")
+    _collect(errors, _timeout, limits.get("timeout", 30), f"pillar {LIMITS}:timeout")
+
+    def section(name):
+        data = limits.get(name) or {}
+        if not isinstance(data, dict):
+            errors.append(f"pillar {LIMITS}:{name} must be a mapping ({', '.join(_LIMITS_FIELDS[name])})")
+            return {}
+        _unknown_fields(data, name, f"pillar {LIMITS}:{name}", errors)
+        return data
+
+    def service(data, where):
+        if data.get("service"):
+            _collect(errors, _service_name, data["service"], f"{where}:service")
+        if data.get("pidfile"):
+            _collect(errors, _abs_path, data["pidfile"], f"{where}:pidfile")
+
+    def add_file(kind, path, where, required, **extra):
+        path = _collect(errors, _abs_path, path, where)
+        if path:
+            out["files"].append(dict(kind=kind, path=path, where=where, required=required, **extra))
+
+    def add_units(units, where):
+        if not isinstance(units, list):
+            errors.append(f"{where} must be a list of unit names")
+            return
+        for index, unit in enumerate(units):
+            name = _collect(errors, _unit_name, unit, f"{where}[{index}]")
+            if name and name not in out["units"]:
+                out["units"].append(name)
+
+    sup = section("supervisor")
+    where = f"pillar {LIMITS}:supervisor"
+    service(sup, where)
+    if sup.get("defaults_file"):
+        add_file("ulimit", sup["defaults_file"], f"{where}:defaults_file", False, placement="end")
+    if sup.get("config"):
+        add_file("minfds", sup["config"], f"{where}:config", False)
+    if sup.get("unit"):
+        add_units([sup["unit"]], f"{where}:unit")
+
+    ssl = section("shadowsocks_libev")
+    where = f"pillar {LIMITS}:shadowsocks_libev"
+    service(ssl, where)
+    if ssl.get("defaults_file"):
+        add_file("assignment", ssl["defaults_file"], f"{where}:defaults_file", False, key="MAXFD")
+    add_units(ssl.get("units") or [], f"{where}:units")
+
+    scripts = limits.get("init_scripts") or []
+    if not isinstance(scripts, list):
+        errors.append(f"pillar {LIMITS}:init_scripts must be a list of paths or {{path, service, pidfile}} mappings")
+        scripts = []
+    for index, item in enumerate(scripts):
+        where = f"pillar {LIMITS}:init_scripts[{index}]"
+        item = item if isinstance(item, dict) else {"path": item}
+        _unknown_fields(item, "init_scripts", where, errors)
+        service(item, where)
+        add_file("ulimit", item.get("path"), f"{where}:path", True, placement="init")
+    add_units(limits.get("units") or [], f"pillar {LIMITS}:units")
+
+    verify = section("verify")
+    pidfiles = verify.get("pidfiles") or []
+    if not isinstance(pidfiles, list):
+        errors.append(f"pillar {LIMITS}:verify:pidfiles must be a list of pidfile paths")
+        pidfiles = []
+    for index, pidfile in enumerate(pidfiles):
+        _collect(errors, _abs_path, pidfile, f"pillar {LIMITS}:verify:pidfiles[{index}]")
+    _collect(errors, _timeout, verify.get("wait", 10), f"pillar {LIMITS}:verify:wait", 0, 600)
+    return out
+
+
+def nofile_check(nofile=None, limits=None):
+    """
+    Validate the open-file-limit settings as a whole before anything is
+    written: N (a positive integer, at most ``fs.nr_open``), every path,
+    service and unit name, the content of every file to edit (an init script
+    that is not a shell script, a ``ulimit`` line too complex to rewrite, a
+    supervisord config without ``[supervisord]``), missing init scripts, and
+    whether this process can grant N at all to the services it restarts (its
+    hard limit without CAP_SYS_RESOURCE). Returns ``{"ok", "nofile",
+    "init_system", "manage", "skipped", "errors", "notes"}``; writes nothing.
+    Arguments left out come from pillar ``shadowsocks:tuning:nofile`` and
+    ``:limits`` (the SLS passes them merged with ``defaults.yaml``).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call shadowsocks_tuning.nofile_check
+        salt-call shadowsocks_tuning.nofile_check 16384 '{init_scripts: [/etc/init.d/shadowsocks]}'
+    """
+    errors, notes, manage, skipped = [], [], [], []
+    data = _collect(errors, _pillar_tuning) or {}
+    if nofile is None:
+        nofile = data.get("nofile", NOFILE_DEFAULT)
+    if limits is None:
+        limits = data.get("limits") or {}
+    number = _collect(errors, validate_nofile, nofile, f"pillar {PILLAR}:nofile")
+    targets = _limits_targets(_plain(limits), errors)
+    system = _collect([], init_system, targets["init"]) or "sysvinit"
+    for target in targets["files"]:
+        path = target["path"]
+        text = _collect(errors, _read_managed, path)
+        if text is None:
+            if target["required"]:
+                errors.append(
+                    f"{target['where']}: {path} does not exist; install that service's init script, or remove it "
+                    f"from pillar {LIMITS}:init_scripts"
+                )
+            else:
+                skipped.append(f"{path} (not installed)")
+            continue
+        manage.append(path)
+        if number is None:
+            continue
+        if target["kind"] == "ulimit":
+            _collect(errors, _render_ulimit, text, number, path, target["placement"])
+        elif target["kind"] == "minfds":
+            _collect(errors, _render_minfds, text, number, path)
+    if system == "systemd":
+        for unit in targets["units"]:
+            if _unit_file(unit):
+                manage.append(f"{unit} drop-in {dropin_path(unit)}")
+            else:
+                skipped.append(f"{unit} (not installed)")
+    grantable = nofile_grantable()
+    if number is not None and system == "sysvinit" and manage and number > grantable["limit"]:
+        errors.append(
+            f"nofile {number} cannot be granted here: {grantable['reason']}: `ulimit -n {number}` fails in the "
+            f"services it restarts and supervisord refuses minfds={number} above its hard limit. Nothing was "
+            f"changed; lower pillar {PILLAR}:nofile to {grantable['limit']} or less, or run salt with "
+            "CAP_SYS_RESOURCE"
+        )
+    if skipped:
+        notes.append("not installed, left alone: " + ", ".join(skipped))
+    return {
+        "ok": not errors,
+        "nofile": number,
+        "init_system": system,
+        "grantable": grantable["limit"],
+        "manage": manage,
+        "skipped": skipped,
+        "errors": errors,
+        "notes": notes,
+    }

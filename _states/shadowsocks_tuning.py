@@ -67,7 +67,8 @@ def tuned(name, profile=None, sysctls=None, config=None, force=None, policy=None
     lines = outcome["comment"]
     if not outcome["changes"]:
         ret["result"] = True
-        ret["comment"] = "\n".join([f"Tuning of profile {outcome['profile']} is in place"] + lines)
+        skipped = " (with keys skipped: see below)" if any(line.startswith("skipped:") for line in lines) else ""
+        ret["comment"] = "\n".join([f"Tuning of profile {outcome['profile']} is in place{skipped}"] + lines)
     elif __opts__["test"]:
         ret["result"] = None
         ret["comment"] = "\n".join([f"Profile {outcome['profile']} would be applied"] + lines)
@@ -102,4 +103,203 @@ def cleaned(name):
         ret.update(result=None, comment=f"{len(changes)} item(s) would be put back")
     else:
         ret.update(result=True, comment=f"{len(changes)} item(s) put back")
+    return ret
+
+
+# ---- Open-file limits ----
+#
+# Thin wrappers over the engine's open-file-limit functions; the SLS
+# shadowsocks/tuning/nofile.sls wires them: every file state requires
+# `nofile_checked`, and a changed file triggers `service_restarted` through
+# `onchanges`.
+def _limit_ret(name):
+    return {"name": name, "result": False, "changes": {}, "comment": ""}
+
+
+def _file_state(name, function, **kwargs):
+    ret = _limit_ret(name)
+    try:
+        outcome = __salt__[function](test=__opts__["test"], **kwargs)
+    except (CommandExecutionError, SaltInvocationError) as exc:
+        ret["comment"] = str(exc)
+        return ret
+    ret["comment"] = outcome["comment"]
+    if outcome["changed"]:
+        ret["changes"] = {outcome["what"]: {"old": outcome["old"], "new": outcome["new"]}, "diff": outcome["diff"]}
+        ret["result"] = None if __opts__["test"] else True
+    else:
+        ret["result"] = True
+    return ret
+
+
+def nofile_checked(name, nofile=None, limits=None):
+    """
+    Validate the whole open-file-limit configuration before any file is
+    touched: N, paths, service and unit names, the files' contents, missing
+    init scripts, and whether N can be granted here at all (a hard limit
+    without CAP_SYS_RESOURCE caps it). Changes nothing; the file states of
+    ``shadowsocks.tuning.nofile`` require it, so bad input leaves every file
+    as it was.
+
+    nofile
+        The open-file limit (pillar ``shadowsocks:tuning:nofile``).
+    limits
+        Paths and services (pillar ``shadowsocks:tuning:limits``).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call state.single shadowsocks_tuning.nofile_checked name=check nofile=16384
+    """
+    ret = _limit_ret(name)
+    try:
+        report = __salt__["shadowsocks_tuning.nofile_check"](nofile=nofile, limits=limits)
+    except (CommandExecutionError, SaltInvocationError) as exc:
+        ret["comment"] = str(exc)
+        return ret
+    if report["errors"]:
+        ret["comment"] = "\n".join(report["errors"] + report["notes"])
+        return ret
+    managed = ", ".join(report["manage"]) or "nothing installed to manage"
+    ret["result"] = True
+    ret["comment"] = "\n".join(
+        [f"nofile {report['nofile']} ({report['init_system']}): {managed}"] + report["notes"]
+    )
+    return ret
+
+
+def ulimit_line(name, nofile, placement="end", if_missing="fail"):
+    """
+    Exactly one active ``ulimit -n <nofile>`` line in a shell file: a sourced
+    defaults file (``placement: end``, e.g. ``/etc/default/supervisor``) or an
+    init script (``placement: init``: before the daemon starts). Other lines
+    stay byte for byte.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call state.single shadowsocks_tuning.ulimit_line name=/etc/default/supervisor nofile=16384 test=True
+    """
+    return _file_state(name, "shadowsocks_tuning.set_ulimit", path=name, nofile=nofile, placement=placement,
+                       if_missing=if_missing)
+
+
+def assignment(name, key, value, if_missing="fail"):
+    """
+    Exactly one active ``KEY=value`` line in a shell-sourced defaults file,
+    e.g. ``MAXFD=51200`` in ``/etc/default/shadowsocks-libev``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call state.single shadowsocks_tuning.assignment name=/etc/default/shadowsocks-libev key=MAXFD value=16384
+    """
+    return _file_state(name, "shadowsocks_tuning.set_assignment", path=name, key=key, value=value,
+                       if_missing=if_missing)
+
+
+def supervisord_minfds(name, nofile, if_missing="fail"):
+    """
+    ``minfds=<nofile>`` in the ``[supervisord]`` section of supervisord's
+    configuration.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call state.single shadowsocks_tuning.supervisord_minfds name=/etc/supervisor/supervisord.conf nofile=16384
+    """
+    return _file_state(name, "shadowsocks_tuning.set_minfds", path=name, nofile=nofile, if_missing=if_missing)
+
+
+def systemd_nofile(name, nofile, if_missing="fail"):
+    """
+    A drop-in with ``LimitNOFILE=<nofile>`` for the service unit ``name``
+    (template units such as ``shadowsocks-libev-server@.service`` included).
+    Pair it with ``service_restarted``, which runs ``daemon-reload``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call state.single shadowsocks_tuning.systemd_nofile name=supervisor.service nofile=16384 test=True
+    """
+    return _file_state(name, "shadowsocks_tuning.set_systemd_nofile", unit=name, nofile=nofile,
+                       if_missing=if_missing)
+
+
+def service_restarted(name, pidfile=None, when="running", init_system="auto", timeout=30):
+    """
+    Stop the service, wait until it is gone, start it again, and fail naming
+    it if it does not come back. Meant for ``onchanges`` on the file states:
+    never the init script's ``restart``, which on Debian 12 only stops
+    supervisor.
+
+    name
+        Service (sysvinit) or unit (systemd).
+    pidfile
+        The daemon's pidfile, to tell reliably whether it runs and when it is gone.
+    when
+        ``running`` (only a running service), ``always``, ``never``.
+    init_system
+        ``auto``, ``systemd`` or ``sysvinit``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call state.single shadowsocks_tuning.service_restarted name=supervisor pidfile=/var/run/supervisord.pid test=True
+    """
+    ret = _limit_ret(name)
+    try:
+        outcome = __salt__["shadowsocks_tuning.stop_start"](
+            name, pidfile=pidfile, when=when, init=init_system, timeout=timeout, test=__opts__["test"]
+        )
+    except (CommandExecutionError, SaltInvocationError) as exc:
+        ret["comment"] = str(exc)
+        return ret
+    ret["comment"] = outcome["comment"]
+    if outcome["changed"]:
+        ret["changes"] = {outcome["name"]: {"old": outcome["old"], "new": outcome["new"]}}
+        ret["result"] = None if __opts__["test"] else True
+    else:
+        ret["result"] = True
+    return ret
+
+
+def nofile_reached(name, nofile=None, pidfiles=None, names=None, wait=10):
+    """
+    Check that supervisord and every shadowsocks process really run with at
+    least ``nofile`` open files (``/proc/<pid>/limits``). Fails, saying why
+    where it can tell, for a process still below it, e.g. one capped by a
+    parent's hard limit without CAP_SYS_RESOURCE. Waits up to ``wait``
+    seconds for restarted daemons; under ``test=True`` it only reports.
+
+    pidfiles
+        Only the process trees of these daemons (default: every process found).
+    names
+        Process names to look for (default: supervisord and the shadowsocks programs).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call state.single shadowsocks_tuning.nofile_reached name=verify nofile=16384
+    """
+    ret = _limit_ret(name)
+    try:
+        report = __salt__["shadowsocks_tuning.nofile"](
+            wanted=nofile, names=names, pidfiles=pidfiles, wait=0 if __opts__["test"] else wait
+        )
+    except (CommandExecutionError, SaltInvocationError) as exc:
+        ret["comment"] = str(exc)
+        return ret
+    ret["comment"] = report["comment"]
+    if report["ok"]:
+        ret["result"] = True
+    elif __opts__["test"]:
+        ret["result"] = None
     return ret

@@ -79,21 +79,22 @@ class SaltCallInNetns(SaltCall):
     the test's own network namespace."""
 
     netns = attr.ib(default=None)
+    wrap = attr.ib(factory=list)  # argv run around it, e.g. a private mount namespace
 
     def cmdline(self, *args, **kwargs):
         cmd = super().cmdline(*args, **kwargs)
-        return ["ip", "netns", "exec", self.netns, *cmd] if self.netns else cmd
+        return [*self.wrap, *(["ip", "netns", "exec", self.netns] if self.netns else []), *cmd]
 
 
 class Masterless:
     """A masterless minion (real salt-call --local) with file_roots on this
     repository's salt/ tree, its own pillar, state dir and sysctl.d dirs."""
 
-    def __init__(self, factory, netns, root):
+    def __init__(self, factory, netns, root, wrap=()):
         self.factory = factory
         self.netns = netns
         self.root = root
-        self.cli = factory.salt_call_cli(factory_class=SaltCallInNetns, netns=netns, timeout=120)
+        self.cli = factory.salt_call_cli(factory_class=SaltCallInNetns, netns=netns, wrap=list(wrap), timeout=120)
         self.synced = False
 
     @property
@@ -101,7 +102,10 @@ class Masterless:
         return self.root / "sysctl.d" / "local.conf"
 
     def pillar(self, tuning):
-        """Write pillar shadowsocks:tuning for this minion."""
+        """Write pillar shadowsocks:tuning for this minion. Unless the test says
+        otherwise, the open-file part stays off the host's real supervisor and
+        shadowsocks-libev files and services."""
+        tuning = {"limits": {"supervisor": None, "shadowsocks_libev": None}, **tuning}
         (self.root / "pillar" / "shadowsocks.sls").write_text(yaml.safe_dump({"shadowsocks": {"tuning": tuning}}))
 
     def run(self, *args, **kwargs):
@@ -121,7 +125,7 @@ def make_masterless(salt_factories, netns, tmp_path):
     arguments are extra minion options (e.g. shadowsocks_tuning.proc_root)."""
     made = []
 
-    def make(**extra):
+    def make(wrap=(), **extra):
         root = tmp_path / f"minion{len(made)}"
         for sub in ("pillar", "sysctl.d", "usr-lib-sysctl.d", "state", "modules-load.d"):
             (root / sub).mkdir(parents=True)
@@ -137,7 +141,7 @@ def make_masterless(salt_factories, netns, tmp_path):
         }
         overrides.update(extra)
         factory = salt_factories.salt_minion_daemon(f"ml{len(made)}-{netns}", overrides=overrides)
-        minion = Masterless(factory, netns, root)
+        minion = Masterless(factory, netns, root, wrap)
         minion.pillar({"config": str(minion.config)})
         made.append(minion)
         return minion

@@ -241,3 +241,44 @@ def test_clean_puts_back_live_values_and_removes_the_created_file(masterless):
     assert ret["result"] is True and ret["changes"] == pred["changes"]
     assert {key: masterless.read(key) for key in PER_NS} == before
     assert not masterless.config.exists()
+
+
+def test_a_loaded_congestion_module_is_persisted_for_the_next_boot(make_masterless, tmp_path):
+    """This kernel has no loadable modules, so nothing real can load tcp_hybla
+    here. Stand-ins, and only these: a copied /proc/sys tree (proc_root) and a
+    modprobe that 'loads' hybla by adding it to the tree's available list,
+    bind-mounted over /usr/sbin/modprobe in a private mount namespace."""
+    fake = tmp_path / "proc-sys"
+    for rel, text in {
+        "net/core/somaxconn": "4096", "net/core/netdev_max_backlog": "1000",
+        "net/ipv4/tcp_available_congestion_control": "reno cubic",
+        "net/ipv4/tcp_allowed_congestion_control": "reno cubic",
+        "net/ipv4/tcp_congestion_control": "cubic",
+    }.items():
+        (fake / rel).parent.mkdir(parents=True, exist_ok=True)
+        (fake / rel).write_text(text + "\n")
+    modprobe = tmp_path / "modprobe"
+    modprobe.write_text(
+        "#!/bin/sh\n"
+        '[ "$1" = "--dry-run" ] && exit 0\n'
+        f'[ "$2" = tcp_hybla ] && echo "reno cubic hybla" > {fake}/net/ipv4/tcp_available_congestion_control && exit 0\n'
+        'echo "modprobe: FATAL: Module $2 not found" >&2; exit 1\n'
+    )
+    modprobe.chmod(0o755)
+    wrap = ["unshare", "-m", "sh", "-c", f'mount --bind {modprobe} /usr/sbin/modprobe && exec "$@"', "sh"]
+    minion = make_masterless(wrap=wrap, **{"shadowsocks_tuning.proc_root": str(fake)})
+    tuning_pillar(minion, profile="hybla-only",
+                  profiles={"hybla-only": {"sysctls": {"net.ipv4.tcp_congestion_control": "hybla"}}})
+    modules_load = minion.root / "modules-load.d" / "shadowsocks-tuning.conf"
+
+    predicted = sysctl_state(apply(minion, "test=True"))
+    assert predicted["result"] is None and "modprobe tcp_hybla: would load" in predicted["comment"]
+    assert not modules_load.exists()
+
+    ret = sysctl_state(apply(minion))
+    assert ret["result"] is True, ret["comment"]
+    assert "modprobe tcp_hybla: loaded" in ret["comment"]
+    assert ret["changes"]["net.ipv4.tcp_congestion_control"] == {"old": "cubic", "new": "hybla"}
+    assert modules_load.read_text() == "tcp_hybla\n"
+    assert str(modules_load) in ret["changes"]
+    assert sysctl_state(apply(minion))["changes"] == {}

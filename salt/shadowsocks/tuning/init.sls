@@ -1,3 +1,4 @@
 # `state.apply shadowsocks.tuning`: kernel sysctls, then open-file limits.
 include:
   - shadowsocks.tuning.sysctl
+  - shadowsocks.tuning.nofile

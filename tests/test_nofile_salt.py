@@ -1,0 +1,410 @@
+"""Open-file limits through a real `salt-call --local` (the Salt loader, the
+SLS shadowsocks.tuning.nofile, requisites), on real files in a temporary root
+and real processes started by real init scripts (small sh scripts in a
+temporary init.d, so nothing of the host's services is touched). systemd is
+not PID 1 here: its path is checked through the rendered drop-ins and the
+systemctl commands a stand-in records."""
+
+import os
+import pathlib
+import resource
+import signal
+import stat
+import subprocess
+import time
+
+import pytest
+import yaml
+
+import shadowsocks_tuning as engine
+
+CHECK = "shadowsocks-tuning-nofile-check"
+VERIFY = "shadowsocks-tuning-nofile-verify"
+
+# An init script in the shape of Debian's /etc/init.d/supervisor: it sources a
+# defaults file, then starts a daemon that writes a pidfile.
+FAKE_INIT = """#!/bin/sh
+### BEGIN INIT INFO
+# Provides:          {name}
+### END INIT INFO
+PIDFILE={root}/run/{name}.pid
+[ -f {defaults} ] && . {defaults}
+running() {{ [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }}
+case "$1" in
+  start)
+    running && exit 0
+    {root}/bin/{daemon} 300 </dev/null >/dev/null 2>&1 &
+    echo $! > "$PIDFILE"
+    ;;
+  stop)
+    running && kill "$(cat "$PIDFILE")"
+    rm -f "$PIDFILE"
+    ;;
+  status)
+    running || exit 3
+    ;;
+  *) exit 3 ;;
+esac
+exit 0
+"""
+BROKEN_INIT = """#!/bin/sh
+case "$1" in
+  start) echo "broken: cannot bind 0.0.0.0:8388" >&2; exit 1 ;;
+  status) exit 3 ;;
+esac
+exit 0
+"""
+# Like Debian's supervisor script when supervisord dies at once: says ERROR, exits 0.
+SILENT_INIT = """#!/bin/sh
+case "$1" in
+  start) echo "Starting silent:  ERROR." ;;
+  status) exit 3 ;;
+esac
+exit 0
+"""
+
+
+def text_or(path, fallback):
+    try:
+        return pathlib.Path(path).read_text()
+    except OSError:
+        return fallback
+
+
+class Box:
+    """A temporary root with supervisor-like and shadowsocks-like files,
+    init scripts and daemons, and the masterless minion that manages them."""
+
+    def __init__(self, root, minion):
+        self.root = root
+        self.minion = minion
+        for sub in ("etc/default", "etc/supervisor", "init.d", "run", "bin"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        self.supervisor_defaults = root / "etc/default/supervisor"
+        self.supervisord_conf = root / "etc/supervisor/supervisord.conf"
+        self.sslibev_defaults = root / "etc/default/shadowsocks-libev"
+        self.supervisor_defaults.write_text(text_or("/etc/default/supervisor", 'DAEMON_OPTS=""\n'))
+        self.supervisord_conf.write_text(text_or("/etc/supervisor/supervisord.conf", "[supervisord]\nlogfile=/x\n"))
+        self.sslibev_defaults.write_text(text_or("/etc/default/shadowsocks-libev", "MAXFD=32768\n"))
+        for daemon in ("supervisord", "ssserver"):
+            (root / "bin" / daemon).symlink_to("/bin/sleep")
+        self.init("fake-supervisor", "supervisord", self.supervisor_defaults)
+        self.fakess = self.init("fakess", "ssserver", root / "etc/default/none")
+        for name, body in (("broken", BROKEN_INIT), ("silent", SILENT_INIT)):
+            (root / "init.d" / name).write_text(body)
+            (root / "init.d" / name).chmod(0o755)
+
+    def init(self, name, daemon, defaults):
+        path = self.root / "init.d" / name
+        path.write_text(FAKE_INIT.format(name=name, root=self.root, daemon=daemon, defaults=defaults))
+        path.chmod(0o755)
+        return path
+
+    def pidfile(self, name):
+        return self.root / "run" / f"{name}.pid"
+
+    def pid(self, name):
+        return engine._pid_from(str(self.pidfile(name)))
+
+    def start(self, name, nofile=1024):
+        """Start a fake service the way an admin shell with `ulimit -n 1024` would."""
+        subprocess.run(
+            [str(self.root / "init.d" / name), "start"], check=True, timeout=10,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
+        )
+        return self.pid(name)
+
+    def files(self):
+        paths = [self.supervisor_defaults, self.supervisord_conf, self.sslibev_defaults, self.fakess]
+        return {str(p): (p.read_bytes(), stat.S_IMODE(p.stat().st_mode)) for p in paths}
+
+    def limits(self, **extra):
+        limits = {
+            "supervisor": {
+                "service": "fake-supervisor",
+                "pidfile": str(self.pidfile("fake-supervisor")),
+                "defaults_file": str(self.supervisor_defaults),
+                "config": str(self.supervisord_conf),
+            },
+            "shadowsocks_libev": {
+                "service": "fake-sslibev",  # not installed, not running: never started
+                "pidfile": str(self.pidfile("fake-sslibev")),
+                "defaults_file": str(self.sslibev_defaults),
+            },
+            "init_scripts": [{"path": str(self.fakess), "pidfile": str(self.pidfile("fakess"))}],
+            "verify": {"pidfiles": [str(self.pidfile("fake-supervisor")), str(self.pidfile("fakess"))], "wait": 5},
+            "timeout": 10,
+        }
+        limits.update(extra)
+        return limits
+
+    def pillar(self, nofile, **extra):
+        self.minion.pillar({"config": str(self.minion.config), "nofile": nofile, "limits": self.limits(**extra)})
+
+    def apply(self, *args):
+        result = self.minion.run("state.apply", "shadowsocks.tuning.nofile", *args)
+        assert isinstance(result.data, dict), result.stdout + result.stderr
+        return {ret["__id__"]: ret for ret in result.data.values()}
+
+    def stop_all(self):
+        """Stop every process started from this box's bin/ (found by its
+        unique path, stopped by pid)."""
+        prefix = str(self.root / "bin") + "/"
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                argv = engine._proc_argv(int(entry))
+                if argv and argv[0].startswith(prefix):
+                    try:
+                        os.kill(int(entry), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+
+@pytest.fixture(autouse=True)
+def engine_opts(monkeypatch):
+    """The helpers above read /proc through the engine, which wants __opts__."""
+    monkeypatch.setattr(engine, "__opts__", {}, raising=False)
+
+
+@pytest.fixture
+def box(make_masterless, tmp_path):
+    root = tmp_path / "box"
+    minion = make_masterless(**{"shadowsocks_tuning.init_dir": str(root / "init.d")})
+    made = Box(root, minion)
+    try:
+        yield made
+    finally:
+        made.stop_all()
+
+
+def wait_pid_changed(box, name, old, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = box.pid(name)
+        if pid and pid != old and engine._alive(pid):
+            return pid
+        time.sleep(0.05)
+    return box.pid(name)
+
+
+def test_sysvinit_path_limit_reaches_the_restarted_daemons_and_clean_restores(box):
+    """The recipe's own path, for real: `ulimit -n` in a sourced defaults file
+    and in an init script, stop then start, and /proc shows the new limit."""
+    sup_pid = box.start("fake-supervisor")
+    ss_pid = box.start("fakess")
+    assert engine._proc_nofile(sup_pid) == (1024, 1024)
+    before = box.files()
+    box.pillar(4096)
+
+    predicted = box.apply("test=True")
+    assert box.files() == before and box.pid("fake-supervisor") == sup_pid, "test=True changed something"
+    assert predicted[CHECK]["result"] is True
+    for sid in ("shadowsocks-tuning-supervisor-ulimit", "shadowsocks-tuning-supervisor-minfds",
+                "shadowsocks-tuning-shadowsocks-libev-maxfd", "shadowsocks-tuning-initscript-fakess-ulimit",
+                "shadowsocks-tuning-supervisor-restart", "shadowsocks-tuning-initscript-fakess-restart"):
+        assert predicted[sid]["result"] is None and predicted[sid]["changes"], sid
+    assert predicted["shadowsocks-tuning-supervisor-ulimit"]["changes"]["ulimit -n"] == {"old": None, "new": "4096"}
+    assert predicted["shadowsocks-tuning-shadowsocks-libev-restart"]["result"] is True  # not running: left alone
+    assert not any("dropin" in sid for sid in predicted), "no systemd here: no drop-ins"
+
+    applied = box.apply()
+    assert all(ret["result"] is True for ret in applied.values()), {k: v["comment"] for k, v in applied.items()}
+    for sid in predicted:
+        assert bool(applied[sid]["changes"]) == bool(predicted[sid]["changes"]), sid
+    assert "not running: left stopped" in applied["shadowsocks-tuning-shadowsocks-libev-restart"]["comment"]
+    new_sup = wait_pid_changed(box, "fake-supervisor", sup_pid)
+    new_ss = wait_pid_changed(box, "fakess", ss_pid)
+    assert new_sup != sup_pid and new_ss != ss_pid
+    assert not engine._alive(sup_pid) and not engine._alive(ss_pid)
+    assert engine._proc_nofile(new_sup) == (4096, 4096)
+    assert engine._proc_nofile(new_ss) == (4096, 4096)
+    assert "every process runs with at least 4096 open files" in applied[VERIFY]["comment"]
+    assert box.supervisor_defaults.read_text().endswith("ulimit -n 4096\n")
+    assert "\nminfds=4096\n" in box.supervisord_conf.read_text()
+    assert "\nMAXFD=4096\n" in box.sslibev_defaults.read_text()
+    script = box.fakess.read_text().split("\n")
+    assert script[script.index("### END INIT INFO") + 2] == "ulimit -n 4096"
+    assert os.access(box.fakess, os.X_OK)
+
+    again = box.apply()
+    assert all(ret["result"] is True and not ret["changes"] for ret in again.values())
+    assert (box.pid("fake-supervisor"), box.pid("fakess")) == (new_sup, new_ss), "restarted without a change"
+
+    undo = box.minion.run("state.apply", "shadowsocks.tuning.clean")
+    assert undo.returncode == 0, undo.stdout
+    assert box.files() == before
+
+
+@pytest.mark.parametrize(
+    "nofile, extra, expected",
+    [
+        ("lots", {}, "pillar shadowsocks:tuning:nofile: 'lots' is not a positive integer"),
+        (0, {}, "pillar shadowsocks:tuning:nofile: 0 is not a positive integer"),
+        ("NR_OPEN+1", {}, "is above fs.nr_open"),
+        (4096, {"init_scripts": ["/etc/init.d/no-such-shadowsocks"]},
+         "/etc/init.d/no-such-shadowsocks does not exist"),
+        ("CAP+1", {}, "cannot be granted here"),
+    ],
+)
+def test_bad_input_fails_the_check_and_touches_nothing(box, nofile, extra, expected):
+    if nofile == "NR_OPEN+1":
+        nofile = int(pathlib.Path("/proc/sys/fs/nr_open").read_text()) + 1
+    if nofile == "CAP+1":
+        grant = engine.nofile_grantable()
+        if grant["cap_sys_resource"]:
+            pytest.skip("salt has CAP_SYS_RESOURCE here: no cap below fs.nr_open")
+        nofile = grant["limit"] + 1
+    sup_pid = box.start("fake-supervisor")
+    before = box.files()
+    box.pillar(nofile, **extra)
+    states = box.apply()
+    assert states[CHECK]["result"] is False
+    assert expected in states[CHECK]["comment"]
+    for sid, ret in states.items():
+        if sid.endswith(("-ulimit", "-minfds", "-maxfd")):
+            assert ret["result"] is False and "requisite failed" in ret["comment"], sid
+            assert not ret["changes"]
+    assert box.files() == before
+    assert box.pid("fake-supervisor") == sup_pid and engine._alive(sup_pid)
+
+
+@pytest.mark.parametrize(
+    "limits, expected",
+    [
+        (["oops"], "pillar shadowsocks:tuning:limits must be a mapping"),
+        ({"init_scripts": "/etc/init.d/shadowsocks"}, "pillar shadowsocks:tuning:limits:init_scripts must be a list"),
+        ({"supervisor": {"defaults_file": "default/supervisor"}},
+         "pillar shadowsocks:tuning:limits:supervisor:defaults_file: 'default/supervisor' must be an absolute path"),
+        ({"init_system": "upstart"}, "pillar shadowsocks:tuning:limits:init_system: 'upstart' must be one of"),
+    ],
+)
+def test_malformed_pillar_still_renders_and_the_check_names_the_key(box, limits, expected):
+    box.minion.pillar({"config": str(box.minion.config), "nofile": 4096, "limits": limits})
+    states = box.apply()
+    assert states[CHECK]["result"] is False
+    assert expected in states[CHECK]["comment"]
+    assert all(not ret["changes"] for ret in states.values())
+
+
+def test_the_cap_is_reported_plainly(box):
+    """nofile above what salt can grant: the check says why, and the verify
+    state reports each running daemon below it with the reason."""
+    grant = engine.nofile_grantable()
+    if grant["cap_sys_resource"]:
+        pytest.skip("salt has CAP_SYS_RESOURCE here: no cap below fs.nr_open")
+    box.start("fake-supervisor", nofile=grant["limit"])
+    wanted = grant["limit"] + 1
+    box.pillar(wanted, verify={"pidfiles": [str(box.pidfile("fake-supervisor"))], "wait": 0})
+    states = box.apply()
+    check = states[CHECK]["comment"]
+    assert f"nofile {wanted} cannot be granted here" in check
+    assert f"hard open-file limit of {grant['hard']} and without CAP_SYS_RESOURCE" in check
+    assert f"lower pillar shadowsocks:tuning:nofile to {grant['limit']} or less" in check
+    verify = states[VERIFY]
+    assert verify["result"] is False
+    assert f"run with an open-file limit below {wanted}" in verify["comment"]
+    assert f"supervisord (pid {box.pid('fake-supervisor')}): soft {grant['limit']}" in verify["comment"]
+    assert "Cap here: salt runs with a hard open-file limit" in verify["comment"]
+
+
+@pytest.mark.parametrize(
+    "script, expected",
+    [
+        ("broken", "service broken failed to start: `{root}/init.d/broken start` exited 1: broken: cannot bind 0.0.0.0:8388"),
+        ("silent", "service silent failed to start: not running 2 s after `{root}/init.d/silent start` exited 0"),
+    ],
+)
+def test_a_service_that_does_not_start_fails_its_state_by_name(box, script, expected):
+    box.pillar(4096, restart="always", timeout=2, init_scripts=[str(box.root / "init.d" / script)],
+               supervisor=None, shadowsocks_libev=None, verify={"pidfiles": [], "wait": 0})
+    states = box.apply()
+    assert states[f"shadowsocks-tuning-initscript-{script}-ulimit"]["result"] is True
+    restart = states[f"shadowsocks-tuning-initscript-{script}-restart"]
+    assert restart["result"] is False
+    assert restart["comment"].startswith(expected.format(root=box.root))
+
+
+FAKE_SYSTEMCTL = """#!/bin/sh
+echo "$@" >> {log}
+case "$1" in
+  is-active) [ "$4" = supervisor.service ] && exit 0; exit 3 ;;
+esac
+exit 0
+"""
+
+
+def test_systemd_path_renders_dropins_and_restarts_through_systemctl(make_masterless, tmp_path):
+    """systemd chosen (its marker directory exists): LimitNOFILE drop-ins for
+    installed units only, template units included, then daemon-reload and
+    (try-)restart; no cap check, since systemd (PID 1) grants the limit."""
+    root = tmp_path / "sd"
+    marker, etc, lib = root / "run/systemd/system", root / "etc/systemd/system", root / "lib/systemd/system"
+    for directory in (marker, etc, lib):
+        directory.mkdir(parents=True)
+    for unit in ("supervisor.service", "shadowsocks-libev.service", "shadowsocks-libev-server@.service"):
+        (lib / unit).write_text(text_or(f"/lib/systemd/system/{unit}", "[Service]\nExecStart=/bin/true\n"))
+    log = root / "systemctl.log"
+    systemctl = root / "systemctl"
+    systemctl.write_text(FAKE_SYSTEMCTL.format(log=log))
+    systemctl.chmod(0o755)
+    minion = make_masterless(**{
+        "shadowsocks_tuning.systemd_marker": str(marker),
+        "shadowsocks_tuning.systemd_dir": str(etc),
+        "shadowsocks_tuning.unit_dirs": [str(etc), str(lib)],
+        "shadowsocks_tuning.systemctl": str(systemctl),
+    })
+    assert minion.run("shadowsocks_tuning.init_system").data == "systemd"
+    nofile = 51200  # above this machine's hard limit: fine, PID 1 grants it
+    minion.pillar({"config": str(minion.config), "nofile": nofile, "limits": {
+        "supervisor": {"defaults_file": None, "config": None},
+        "shadowsocks_libev": {"defaults_file": None},
+        "units": ["shadowsocks-rust.service"],
+        "verify": {"pidfiles": [str(root / "none.pid")], "wait": 0},
+    }})
+    result = minion.run("state.apply", "shadowsocks.tuning.nofile")
+    states = {ret["__id__"]: ret for ret in result.data.values()}
+    assert all(ret["result"] is True for ret in states.values()), {k: v["comment"] for k, v in states.items()}
+    dropin = engine._render_dropin
+    assert (etc / "supervisor.service.d" / engine.DROPIN_NAME).read_text() == dropin(nofile, "supervisor.service")
+    assert (etc / "shadowsocks-libev-server@.service.d" / engine.DROPIN_NAME).read_text() == dropin(
+        nofile, "shadowsocks-libev-server@.service")
+    assert (etc / "shadowsocks-libev.service.d" / engine.DROPIN_NAME).exists()
+    assert not (etc / "shadowsocks-libev-local@.service.d").exists()
+    assert not (etc / "shadowsocks-rust.service.d").exists()
+    assert "is not installed" in states["shadowsocks-tuning-unit-shadowsocks-rust.service-dropin"]["comment"]
+    calls = log.read_text().splitlines()
+    assert "try-restart -- supervisor.service" in calls
+    assert "try-restart -- shadowsocks-libev-server@*.service" in calls
+    assert "try-restart -- shadowsocks-libev.service" not in calls  # not active: reload only
+    assert calls.count("daemon-reload") == 3
+    assert not any(c.startswith(("restart", "stop", "start")) for c in calls)
+
+    log.write_text("")
+    again = minion.run("state.apply", "shadowsocks.tuning.nofile")
+    assert all(not ret["changes"] for ret in again.data.values())
+    assert log.read_text() == "", "nothing changed, so nothing restarted"
+
+    minion.run("state.apply", "shadowsocks.tuning.clean")
+    assert not list(etc.rglob(engine.DROPIN_NAME))
+
+
+def test_execution_functions_through_the_loader(box):
+    """The engine functions as a user calls them with salt-call."""
+    run = box.minion.run
+    path = str(box.supervisor_defaults)
+    predicted = run("shadowsocks_tuning.set_ulimit", path, "8192", "test=True").data
+    assert predicted["changed"] and "+ulimit -n 8192" in predicted["diff"]
+    assert "ulimit" not in box.supervisor_defaults.read_text()
+    assert run("shadowsocks_tuning.set_ulimit", path, "8192").data["changed"]
+    assert run("shadowsocks_tuning.set_ulimit", path, "8192").data["changed"] is False
+    assert run("shadowsocks_tuning.set_assignment", str(box.sslibev_defaults), "MAXFD", "8192").data["old"] == "32768"
+    bad = run("shadowsocks_tuning.set_ulimit", path, "nofile=-5")
+    assert bad.returncode != 0 and "not a positive integer" in bad.stdout + bad.stderr
+    pid = box.start("fakess")
+    report = run("shadowsocks_tuning.nofile", "2048", f"pidfiles=[{box.pidfile('fakess')}]").data
+    assert [(p["name"], p["pid"], p["soft"]) for p in report["processes"]] == [("ssserver", pid, 1024)]
+    assert not report["ok"] and "stop and start it" in report["problems"][0]
+    restarted = run("shadowsocks_tuning.stop_start", "fakess", f"pidfile={box.pidfile('fakess')}").data
+    assert restarted["changed"] and restarted["old"] == f"running (pid {pid})"
+    new = box.pid("fakess")
+    assert new != pid and engine._proc_nofile(new)[0] != 1024  # started by salt, without the admin's ulimit
