@@ -127,6 +127,7 @@ def test_settings_merge_pillar_profile_include_and_overrides():
         ({"policy": {"keys": {"net.core.rmem_max": "loud"}}}, "policy:keys:net.core.rmem_max"),
         ({"congestion_fallback": "bbr\n"}, "bbr"),
         ({"force": [1]}, "shadowsocks:tuning:force"),
+        ({"sysctl": {"net.core.somaxconn": 1}}, "pillar shadowsocks:tuning: unknown key(s) sysctl (known: config,"),
     ],
 )
 def test_bad_pillar_names_the_path_and_the_rule(pillar, message):
@@ -184,3 +185,35 @@ def test_parse_conf_reads_what_sysctl_reads():
         ("net.core.somaxconn", "256"), ("net.ipv4.tcp_tw_recycle", "0"), ("kernel.panic", "5"),
     ]
     assert engine._parse_conf("-net.core.somaxconn = 5\n")[0][1:] == ("net.core.somaxconn", "5")
+
+
+def test_pillar_example_is_valid_and_resolves():
+    import yaml
+    from conftest import REPO
+
+    tuning = yaml.safe_load((REPO / "pillar.example").read_text())["shadowsocks"]["tuning"]
+    settings = engine._settings(pillar=tuning)
+    assert settings["profile"] == "bbr"
+    assert settings["sysctls"]["net.ipv4.tcp_rmem"] == "4096 87380 33554432"
+    assert "net.ipv4.tcp_mtu_probing" not in settings["sysctls"]
+    assert engine._resolve_profile("edge", engine._all_profiles(tuning["profiles"]))[0] == [
+        "edge", "bbr", "low-latency", "high-latency"]
+
+
+def test_every_public_function_documents_a_cli_example():
+    import importlib.util
+    import inspect
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("sst_state", REPO / "_states" / "shadowsocks_tuning.py")
+    state = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(state)
+    missing = []
+    for module in (engine, state):
+        for name, func in inspect.getmembers(module, inspect.isfunction):
+            if name.startswith("_") or func.__module__ != module.__name__:
+                continue
+            if "CLI Example:" not in (func.__doc__ or ""):
+                missing.append(f"{module.__name__}.{name}")
+    assert not missing, f"public functions without a CLI Example (salt-call sys.doc shows it): {missing}"
