@@ -20,6 +20,12 @@ Minion options (all optional; the defaults are the real system):
     shadowsocks_tuning.sysctl_dirs: [/etc/sysctl.d, /run/sysctl.d, /usr/local/lib/sysctl.d, /usr/lib/sysctl.d, /lib/sysctl.d]
     shadowsocks_tuning.sysctl_conf: /etc/sysctl.conf
     shadowsocks_tuning.modules_load_dir: /etc/modules-load.d
+    shadowsocks_tuning.init_dir: /etc/init.d           # sysvinit scripts (open-file limits)
+    shadowsocks_tuning.service_cmd: service            # used when init_dir is /etc/init.d
+    shadowsocks_tuning.systemctl: systemctl
+    shadowsocks_tuning.systemd_marker: /run/systemd/system   # exists <=> systemd is PID 1
+    shadowsocks_tuning.systemd_dir: /etc/systemd/system      # where drop-ins go
+    shadowsocks_tuning.unit_dirs: [/etc/systemd/system, /run/systemd/system, /usr/local/lib/systemd/system, /usr/lib/systemd/system, /lib/systemd/system]
 """
 
 import base64
@@ -31,10 +37,13 @@ import json
 import logging
 import os
 import re
+import resource
+import select
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 from salt.exceptions import CommandExecutionError, SaltInvocationError
 
@@ -175,6 +184,15 @@ DEFAULTS = {
     "sysctl_conf": "/etc/sysctl.conf",
     "modules_load_dir": "/etc/modules-load.d",
     "config": "/etc/sysctl.d/local.conf",
+    # open-file limits
+    "init_dir": "/etc/init.d",
+    "service_cmd": "service",
+    "systemctl": "systemctl",
+    # sd_booted(3): systemd is PID 1 exactly when this directory exists.
+    "systemd_marker": "/run/systemd/system",
+    "systemd_dir": "/etc/systemd/system",
+    "unit_dirs": ["/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
+                  "/usr/lib/systemd/system", "/lib/systemd/system"],
 }
 POLICIES = ("warn", "strict")
 PILLAR_KEYS = {"profile", "profiles", "sysctls", "config", "force", "policy", "congestion_fallback", "nofile", "limits"}
@@ -194,7 +212,8 @@ _INT = re.compile(r"^[+]?[0-9]{1,20}\Z")
 # Options and small helpers
 # --------------------------------------------------------------------------
 def _opt(name):
-    return __opts__.get(f"shadowsocks_tuning.{name}", DEFAULTS[name])
+    opts = globals().get("__opts__") or {}  # absent when imported outside Salt (unit tests, benchmarks)
+    return opts.get(f"shadowsocks_tuning.{name}", DEFAULTS[name])
 
 
 def _plain(data):
@@ -1401,16 +1420,7 @@ def clean(test=False):
 # start the service so the limit reaches the daemon, and read /proc to show
 # whether it did.
 #
-# Minion options of this part (all optional; the defaults are the real system):
-#   shadowsocks_tuning.init_dir: /etc/init.d              # sysvinit scripts
-#   shadowsocks_tuning.service_cmd: service               # used when init_dir is /etc/init.d
-#   shadowsocks_tuning.systemctl: systemctl
-#   shadowsocks_tuning.systemd_marker: /run/systemd/system   # exists <=> systemd is PID 1
-#   shadowsocks_tuning.systemd_dir: /etc/systemd/system      # where drop-ins go
-#   shadowsocks_tuning.unit_dirs: [/etc/systemd/system, ..., /lib/systemd/system]
-import resource  # noqa: E402  (this section's own import, kept with it)
-import select  # noqa: E402
-import time  # noqa: E402
+# Minion options of this part are listed in the module docstring.
 
 NOFILE_DEFAULT = 51200  # the recipe's value; salt/shadowsocks/defaults.yaml holds the same for the SLS
 CAP_SYS_RESOURCE = 24  # capability(7) bit: may raise a hard limit
@@ -1421,16 +1431,6 @@ SS_PROCESS_NAMES = (
     "ss-server", "ss-local", "ss-manager", "ss-redir", "ss-tunnel", "ss-nat",
     "ssserver", "sslocal", "ssmanager", "ssservice", "ssredir", "sstunnel",
 )
-NOFILE_OPTIONS = {
-    "init_dir": "/etc/init.d",
-    "service_cmd": "service",
-    "systemctl": "systemctl",
-    # sd_booted(3): systemd is PID 1 exactly when this directory exists.
-    "systemd_marker": "/run/systemd/system",
-    "systemd_dir": "/etc/systemd/system",
-    "unit_dirs": ["/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
-                  "/usr/lib/systemd/system", "/lib/systemd/system"],
-}
 # Named to sort after `override.conf` (systemctl edit): a later drop-in wins.
 DROPIN_NAME = "shadowsocks-tuning-nofile.conf"
 NOFILE_COMMENT = "# Open-file limit, managed by Salt (shadowsocks_tuning)"
@@ -1463,11 +1463,6 @@ _MINFDS = re.compile(r"^(?P<key>minfds)(?P<sep>[ \t]*[=:][ \t]*)(?P<value>[^;#\s
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # What `service` gives an init script: no variables of the salt process leak in.
 _SERVICE_ENV = {"PATH": _SYSTEM_PATH, "LANG": "C"}
-
-
-def _nofile_opt(name):
-    opts = globals().get("__opts__") or {}
-    return opts.get(f"shadowsocks_tuning.{name}", NOFILE_OPTIONS[name])
 
 
 def _nr_open():
@@ -1865,7 +1860,7 @@ def _unit_file(unit):
     names = [unit]
     if "@" in unit and not unit.endswith("@.service"):
         names.append(unit.split("@", 1)[0] + "@.service")
-    for directory in _nofile_opt("unit_dirs"):
+    for directory in _opt("unit_dirs"):
         for name in names:
             candidate = os.path.join(directory, name)
             if os.path.isfile(candidate):
@@ -1885,7 +1880,7 @@ def dropin_path(unit):
         salt-call shadowsocks_tuning.dropin_path shadowsocks-libev-server@.service
     """
     unit = _unit_name(unit, "unit")
-    return os.path.join(_nofile_opt("systemd_dir"), f"{unit}.d", DROPIN_NAME)
+    return os.path.join(_opt("systemd_dir"), f"{unit}.d", DROPIN_NAME)
 
 
 def set_systemd_nofile(unit, nofile, test=False, if_missing="fail"):
@@ -1911,7 +1906,7 @@ def set_systemd_nofile(unit, nofile, test=False, if_missing="fail"):
             return {"path": path, "what": "LimitNOFILE", "changed": False, "skipped": True, "old": None,
                     "new": None, "diff": "", "comment": f"{unit} is not installed: nothing to manage"}
         raise CommandExecutionError(
-            f"{unit}: no unit file in {', '.join(_nofile_opt('unit_dirs'))}; install it, or remove it from pillar {LIMITS}"
+            f"{unit}: no unit file in {', '.join(_opt('unit_dirs'))}; install it, or remove it from pillar {LIMITS}"
         )
 
     def render(text):
@@ -1937,7 +1932,7 @@ def init_system(prefer="auto"):
     _choice(prefer, INIT_SYSTEMS, f"pillar {LIMITS}:init_system")
     if prefer != "auto":
         return prefer
-    return "systemd" if os.path.isdir(_nofile_opt("systemd_marker")) else "sysvinit"
+    return "systemd" if os.path.isdir(_opt("systemd_marker")) else "sysvinit"
 
 
 # --------------------------------------------------------------------------
@@ -2230,14 +2225,14 @@ def _run_service(argv, timeout):
 
 
 def _service_argv(name, action):
-    init_dir = _nofile_opt("init_dir")
+    init_dir = _opt("init_dir")
     script = os.path.join(init_dir, name)
     if not os.path.isfile(script):
         raise CommandExecutionError(
             f"service {name}: no init script {script}; install the service, or fix its name in pillar {LIMITS}"
         )
-    service = shutil.which(_nofile_opt("service_cmd"), path=_SYSTEM_PATH)
-    if init_dir == NOFILE_OPTIONS["init_dir"] and service:
+    service = shutil.which(_opt("service_cmd"), path=_SYSTEM_PATH)
+    if init_dir == DEFAULTS["init_dir"] and service:
         return [service, name, action]
     return [script, action]
 
@@ -2312,7 +2307,7 @@ def _sysv_stop_start(name, pidfile, when, timeout, test):
 
 
 def _systemctl():
-    binary = shutil.which(_nofile_opt("systemctl"), path=_SYSTEM_PATH)
+    binary = shutil.which(_opt("systemctl"), path=_SYSTEM_PATH)
     if binary is None:
         raise CommandExecutionError("systemctl not found, although systemd was chosen (pillar "
                                     f"{LIMITS}:init_system); set it to sysvinit or auto")

@@ -112,7 +112,13 @@ class Box:
             [str(self.root / "init.d" / name), "start"], check=True, timeout=10,
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
         )
-        return self.pid(name)
+        # The pidfile names the forked shell before it execs the daemon: wait
+        # for the exec, or a check may still see `sh` under that pid.
+        pid = self.pid(name)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (engine._proc_argv(pid) or [""])[0].startswith(str(self.root / "bin")):
+            time.sleep(0.02)
+        return pid
 
     def files(self):
         paths = [self.supervisor_defaults, self.supervisord_conf, self.sslibev_defaults, self.fakess]
