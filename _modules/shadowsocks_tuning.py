@@ -1737,11 +1737,12 @@ def _read_managed(path):
         raise CommandExecutionError(f"{path}: cannot read: {exc.strerror or exc}")
 
 
-def _manage_file(path, render, what, test, if_missing="fail"):
+def _manage_file(path, render, what, test, if_missing="fail", force=False):
     """Render the new text of `path` from its current text, and unless `test`
     write it atomically, after recording the original so `clean` can put it
     back byte for byte. `if_missing` may also be `create` (drop-ins, which
-    this module owns outright)."""
+    this module owns outright). Like a capacity sysctl, a limit already
+    higher than the wanted one is kept unless `force`."""
     result = {"path": path, "what": what, "changed": False, "skipped": False, "old": None, "new": None, "diff": ""}
     with (contextlib.nullcontext() if test else _lock()):
         text = _read_managed(path)
@@ -1753,6 +1754,10 @@ def _manage_file(path, render, what, test, if_missing="fail"):
                 f"{path} does not exist; install the service it belongs to, or fix or remove the path in pillar {LIMITS}"
             )
         new_text, old_value, new_value = render(text)
+        if not force and str(old_value).isdigit() and str(new_value).isdigit() and int(old_value) > int(new_value):
+            result.update(old=old_value, new=old_value,
+                          comment=f"{path}: {what} {old_value} kept (higher than {new_value}; force lowers it)")
+            return result
         result.update(old=old_value, new=new_value)
         change = _file_change(path, new_text)
         if change is None:
@@ -1771,7 +1776,7 @@ def _manage_file(path, render, what, test, if_missing="fail"):
         return result
 
 
-def set_ulimit(path, nofile, placement="end", test=False, if_missing="fail"):
+def set_ulimit(path, nofile, placement="end", test=False, if_missing="fail", force=False):
     """
     Give a shell file exactly one active ``ulimit -n <nofile>`` line: an
     existing ``ulimit -n`` line is rewritten in place, never duplicated, and
@@ -1779,7 +1784,8 @@ def set_ulimit(path, nofile, placement="end", test=False, if_missing="fail"):
     byte for byte. ``placement=end`` appends a new line (a file sourced by an
     init script, such as ``/etc/default/supervisor``); ``placement=init`` puts
     it right after the LSB header, before the script starts anything.
-    ``if_missing``: ``fail`` or ``skip``. Returns what changed, with a diff.
+    ``if_missing``: ``fail`` or ``skip``. An existing higher limit is kept
+    unless ``force=True``. Returns what changed, with a diff.
 
     CLI Example:
 
@@ -1797,15 +1803,16 @@ def set_ulimit(path, nofile, placement="end", test=False, if_missing="fail"):
         new_text, old = _render_ulimit(text, nofile, path, placement)
         return new_text, old, str(nofile)
 
-    return _manage_file(path, render, "ulimit -n", test, if_missing)
+    return _manage_file(path, render, "ulimit -n", test, if_missing, force)
 
 
-def set_assignment(path, key, value, test=False, if_missing="fail"):
+def set_assignment(path, key, value, test=False, if_missing="fail", force=False):
     """
     Give a shell-sourced defaults file exactly one active ``KEY=value`` line,
     e.g. ``MAXFD=51200`` in ``/etc/default/shadowsocks-libev`` (its init
     script runs ``ulimit -n ${MAXFD}``). Quotes and a trailing comment of the
-    existing line are kept; other lines stay byte for byte.
+    existing line are kept; other lines stay byte for byte. A higher number
+    already there is kept unless ``force=True``.
 
     CLI Example:
 
@@ -1827,10 +1834,10 @@ def set_assignment(path, key, value, test=False, if_missing="fail"):
         new_text, old = _render_assignment(text, key, value, path)
         return new_text, old, value
 
-    return _manage_file(path, render, key, test, if_missing)
+    return _manage_file(path, render, key, test, if_missing, force)
 
 
-def set_minfds(path, nofile, test=False, if_missing="fail"):
+def set_minfds(path, nofile, test=False, if_missing="fail", force=False):
     """
     Set ``minfds=<nofile>`` in the ``[supervisord]`` section of supervisord's
     configuration, so supervisord raises its own limit (and its programs') even
@@ -1852,7 +1859,7 @@ def set_minfds(path, nofile, test=False, if_missing="fail"):
         new_text, old = _render_minfds(text, nofile, path)
         return new_text, old, str(nofile)
 
-    return _manage_file(path, render, "minfds", test, if_missing)
+    return _manage_file(path, render, "minfds", test, if_missing, force)
 
 
 def _unit_file(unit):

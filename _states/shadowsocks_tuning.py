@@ -169,7 +169,7 @@ def nofile_checked(name, nofile=None, limits=None):
     return ret
 
 
-def ulimit_line(name, nofile, placement="end", if_missing="fail"):
+def ulimit_line(name, nofile, placement="end", if_missing="fail", force=False):
     """
     Exactly one active ``ulimit -n <nofile>`` line in a shell file: a sourced
     defaults file (``placement: end``, e.g. ``/etc/default/supervisor``) or an
@@ -183,10 +183,10 @@ def ulimit_line(name, nofile, placement="end", if_missing="fail"):
         salt-call state.single shadowsocks_tuning.ulimit_line name=/etc/default/supervisor nofile=16384 test=True
     """
     return _file_state(name, "shadowsocks_tuning.set_ulimit", path=name, nofile=nofile, placement=placement,
-                       if_missing=if_missing)
+                       if_missing=if_missing, force=force)
 
 
-def assignment(name, key, value, if_missing="fail"):
+def assignment(name, key, value, if_missing="fail", force=False):
     """
     Exactly one active ``KEY=value`` line in a shell-sourced defaults file,
     e.g. ``MAXFD=51200`` in ``/etc/default/shadowsocks-libev``.
@@ -198,10 +198,10 @@ def assignment(name, key, value, if_missing="fail"):
         salt-call state.single shadowsocks_tuning.assignment name=/etc/default/shadowsocks-libev key=MAXFD value=16384
     """
     return _file_state(name, "shadowsocks_tuning.set_assignment", path=name, key=key, value=value,
-                       if_missing=if_missing)
+                       if_missing=if_missing, force=force)
 
 
-def supervisord_minfds(name, nofile, if_missing="fail"):
+def supervisord_minfds(name, nofile, if_missing="fail", force=False):
     """
     ``minfds=<nofile>`` in the ``[supervisord]`` section of supervisord's
     configuration.
@@ -212,7 +212,8 @@ def supervisord_minfds(name, nofile, if_missing="fail"):
 
         salt-call state.single shadowsocks_tuning.supervisord_minfds name=/etc/supervisor/supervisord.conf nofile=16384
     """
-    return _file_state(name, "shadowsocks_tuning.set_minfds", path=name, nofile=nofile, if_missing=if_missing)
+    return _file_state(name, "shadowsocks_tuning.set_minfds", path=name, nofile=nofile, if_missing=if_missing,
+                       force=force)
 
 
 def systemd_nofile(name, nofile, if_missing="fail"):

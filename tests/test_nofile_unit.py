@@ -441,3 +441,23 @@ def test_a_service_command_that_hangs_is_killed():
     with pytest.raises(CommandExecutionError) as err:
         engine._run_service([sys.executable, "-c", "import time; time.sleep(30)"], 1)
     assert "did not finish within 1 s" in str(err.value)
+
+
+def test_a_higher_limit_already_in_a_file_is_kept_unless_forced(tmp_path):
+    # Debian's /etc/default/shadowsocks-libev ships MAXFD=32768: asking for
+    # 16384 must not lower it, as capacity sysctls are never lowered.
+    defaults = tmp_path / "shadowsocks-libev"
+    original = b"# Defaults for shadowsocks initscript\nMAXFD=32768\n"
+    defaults.write_bytes(original)
+    kept = engine.set_assignment(str(defaults), "MAXFD", 16384)
+    assert not kept["changed"] and defaults.read_bytes() == original
+    assert kept["comment"].endswith("MAXFD 32768 kept (higher than 16384; force lowers it)")
+    assert engine.set_assignment(str(defaults), "MAXFD", 65536)["changed"]  # raising goes through
+    lowered = engine.set_assignment(str(defaults), "MAXFD", 16384, force=True)
+    assert lowered["changed"] and b"MAXFD=16384\n" in defaults.read_bytes()
+    supervisor = tmp_path / "supervisor"
+    supervisor.write_bytes(b"ulimit -n 65535\n")
+    assert not engine.set_ulimit(str(supervisor), 51200)["changed"]
+    assert engine.set_ulimit(str(supervisor), 51200, force=True)["changed"]
+    engine.clean()
+    assert defaults.read_bytes() == original

@@ -16,6 +16,10 @@
 {%- set systemd = init in ("auto", "systemd", "sysvinit") and salt["shadowsocks_tuning.init_system"](init) == "systemd" %}
 {%- set restart = {"when": limits.get("restart", "running"), "timeout": limits.get("timeout", 30), "init_system": init} %}
 {%- set check = "shadowsocks-tuning-nofile-check" %}
+{#- A limit already higher in a file is kept, like a capacity sysctl, unless
+    pillar shadowsocks:tuning:force is true or lists `nofile`. #}
+{%- set force_list = tuning.get("force") %}
+{%- set force = force_list is sameas true or (force_list is sequence and force_list is not string and "nofile" in force_list) %}
 
 {%- macro file_state(id, state, name, args) %}
 {{ id }}:
@@ -55,12 +59,12 @@
 {%- set watched = [] %}
 {%- if sup.get("defaults_file") %}
 {{ file_state("shadowsocks-tuning-supervisor-ulimit", "ulimit_line", sup.defaults_file,
-              {"nofile": nofile, "placement": "end", "if_missing": "skip"}) }}
+              {"nofile": nofile, "placement": "end", "if_missing": "skip", "force": force}) }}
 {%- do watched.append("shadowsocks-tuning-supervisor-ulimit") %}
 {%- endif %}
 {%- if sup.get("config") %}
 {{ file_state("shadowsocks-tuning-supervisor-minfds", "supervisord_minfds", sup.config,
-              {"nofile": nofile, "if_missing": "skip"}) }}
+              {"nofile": nofile, "if_missing": "skip", "force": force}) }}
 {%- do watched.append("shadowsocks-tuning-supervisor-minfds") %}
 {%- endif %}
 {%- if systemd and sup.get("unit") %}
@@ -76,7 +80,7 @@
 {%- set ssl = limits.get("shadowsocks_libev") if limits.get("shadowsocks_libev") is mapping else {} %}
 {%- if ssl.get("defaults_file") %}
 {{ file_state("shadowsocks-tuning-shadowsocks-libev-maxfd", "assignment", ssl.defaults_file,
-              {"key": "MAXFD", "value": nofile, "if_missing": "skip"}) }}
+              {"key": "MAXFD", "value": nofile, "if_missing": "skip", "force": force}) }}
 {%- if not systemd %}
 {{ restart_state("shadowsocks-tuning-shadowsocks-libev-restart", ssl.get("service"), ssl.get("pidfile"),
                  ["shadowsocks-tuning-shadowsocks-libev-maxfd"]) }}
@@ -91,7 +95,7 @@
 {%- set path = item.get("path") | string %}
 {%- set service = item.get("service") or path.split("/")[-1] %}
 {%- set id = "shadowsocks-tuning-initscript-" ~ service %}
-{{ file_state(id ~ "-ulimit", "ulimit_line", path, {"nofile": nofile, "placement": "init", "if_missing": "fail"}) }}
+{{ file_state(id ~ "-ulimit", "ulimit_line", path, {"nofile": nofile, "placement": "init", "if_missing": "fail", "force": force}) }}
 {{ restart_state(id ~ "-restart", service, item.get("pidfile"), [id ~ "-ulimit"]) }}
 {%- endfor %}
 
