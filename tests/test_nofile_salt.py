@@ -364,7 +364,9 @@ def test_systemd_path_renders_dropins_and_restarts_through_systemctl(make_master
     })
     assert minion.run("shadowsocks_tuning.init_system").data == "systemd"
     nofile = 51200  # above this machine's hard limit: fine, PID 1 grants it
+    # The SLS takes `auto` from the init grain (PID 1 here is not systemd): say systemd.
     minion.pillar({"config": str(minion.config), "nofile": nofile, "limits": {
+        "init_system": "systemd",
         "supervisor": {"defaults_file": None, "config": None},
         "shadowsocks_libev": {"defaults_file": None},
         "units": ["shadowsocks-rust.service"],
