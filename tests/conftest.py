@@ -1,8 +1,6 @@
 """Shared fixtures: a real salt-call inside a fresh network namespace, and a
 guard that fails any test which leaves the host's sysctls changed."""
 
-import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,7 +11,8 @@ import pytest
 import yaml
 from saltfactories.cli.call import SaltCall
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from support.common import REPO, read_in_netns
+
 sys.path.insert(0, str(REPO / "_modules"))
 
 import shadowsocks_tuning as engine  # noqa: E402  (the flat module, for its catalogue)
@@ -62,15 +61,6 @@ def netns():
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-def in_netns(name, *argv, **kwargs):
-    """Run a command inside a network namespace made by the `netns` fixture."""
-    return subprocess.run(["ip", "netns", "exec", name, *argv], capture_output=True, text=True, **kwargs)
-
-
-def read_in_netns(name, key):
-    return in_netns(name, "cat", "/proc/sys/" + key.replace(".", "/"), check=True).stdout.split()
 
 
 @attr.s(kw_only=True, slots=True)

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from support.common import REPO
 from support import ssrig
 
 import shadowsocks_tuning as engine

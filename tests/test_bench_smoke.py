@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from support.common import REPO
 
 NUMBER = r"[0-9]+\.[0-9]+"
 

@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import REPO, in_netns, read_in_netns
+from support.common import REPO, read_in_netns
 
 
 def ok(result):

@@ -189,7 +189,7 @@ def test_parse_conf_reads_what_sysctl_reads():
 
 def test_pillar_example_is_valid_and_resolves():
     import yaml
-    from conftest import REPO
+    from support.common import REPO
 
     tuning = yaml.safe_load((REPO / "pillar.example").read_text())["shadowsocks"]["tuning"]
     settings = engine._settings(pillar=tuning)
@@ -204,7 +204,7 @@ def test_every_public_function_documents_a_cli_example():
     import importlib.util
     import inspect
 
-    from conftest import REPO
+    from support.common import REPO
 
     spec = importlib.util.spec_from_file_location("sst_state", REPO / "_states" / "shadowsocks_tuning.py")
     state = importlib.util.module_from_spec(spec)

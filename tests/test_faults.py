@@ -15,7 +15,6 @@ import json
 import os
 import pathlib
 import re
-import shlex
 import signal
 import stat
 import subprocess
@@ -23,7 +22,6 @@ import sys
 import time
 
 import attr
-import pytest
 from saltfactories.cli.call import SaltCall
 
 import shadowsocks_tuning as engine  # the flat module; conftest puts _modules on sys.path

@@ -15,7 +15,6 @@ import subprocess
 import time
 
 import pytest
-import yaml
 
 import shadowsocks_tuning as engine
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import in_netns, read_in_netns
+from support.common import in_netns, read_in_netns
 
 SYSCTL_ID = "shadowsocks_tuning_|-shadowsocks-tuning-sysctl_|-shadowsocks-tuning-sysctl_|-tuned"
 # Per-namespace keys of the recipe: writable in the test's namespace.
