@@ -116,20 +116,28 @@ def _limit_ret(name):
     return {"name": name, "result": False, "changes": {}, "comment": ""}
 
 
-def _file_state(name, function, **kwargs):
+def _outcome_state(name, function, label, *args, **kwargs):
+    """Call an engine function that returns {changed, comment, old, new, ...}
+    and turn it into a state return; `label` names the key of `changes`."""
     ret = _limit_ret(name)
     try:
-        outcome = __salt__[function](test=__opts__["test"], **kwargs)
+        outcome = __salt__[function](*args, test=__opts__["test"], **kwargs)
     except (CommandExecutionError, SaltInvocationError) as exc:
         ret["comment"] = str(exc)
         return ret
     ret["comment"] = outcome["comment"]
     if outcome["changed"]:
-        ret["changes"] = {outcome["what"]: {"old": outcome["old"], "new": outcome["new"]}, "diff": outcome["diff"]}
+        ret["changes"] = {outcome[label]: {"old": outcome["old"], "new": outcome["new"]}}
+        if "diff" in outcome:
+            ret["changes"]["diff"] = outcome["diff"]
         ret["result"] = None if __opts__["test"] else True
     else:
         ret["result"] = True
     return ret
+
+
+def _file_state(name, function, **kwargs):
+    return _outcome_state(name, function, "what", **kwargs)
 
 
 def nofile_checked(name, nofile=None, limits=None):
@@ -254,21 +262,8 @@ def service_restarted(name, pidfile=None, when="running", init_system="auto", ti
 
         salt-call state.single shadowsocks_tuning.service_restarted name=supervisor pidfile=/var/run/supervisord.pid test=True
     """
-    ret = _limit_ret(name)
-    try:
-        outcome = __salt__["shadowsocks_tuning.stop_start"](
-            name, pidfile=pidfile, when=when, init=init_system, timeout=timeout, test=__opts__["test"]
-        )
-    except (CommandExecutionError, SaltInvocationError) as exc:
-        ret["comment"] = str(exc)
-        return ret
-    ret["comment"] = outcome["comment"]
-    if outcome["changed"]:
-        ret["changes"] = {outcome["name"]: {"old": outcome["old"], "new": outcome["new"]}}
-        ret["result"] = None if __opts__["test"] else True
-    else:
-        ret["result"] = True
-    return ret
+    return _outcome_state(name, "shadowsocks_tuning.stop_start", "name", name,
+                          pidfile=pidfile, when=when, init=init_system, timeout=timeout)
 
 
 def nofile_reached(name, nofile=None, pidfiles=None, names=None, wait=10):
