@@ -827,16 +827,19 @@ def _congestion(wanted, fallback, test, child):
     def usable(name):
         return name in available and (not child or name in allowed)
 
+    load_failure = ""  # said in the problem, not as a note of its own
     if wanted not in available:
         module = f"tcp_{wanted}"
         ok, message = _modprobe(module, dry_run=test)
-        out["notes"].append(message)
         if ok:
+            out["notes"].append(message)
             out["module"] = module
             if not test:
                 available = (_read_or(_AVAILABLE_CC) or "").split()
             else:
                 available = available + [wanted]
+        else:
+            load_failure = message
     if wanted in available and usable(wanted):
         return out
     if wanted in available:
@@ -847,8 +850,7 @@ def _congestion(wanted, fallback, test, child):
         out["status"] = "restricted"
     else:
         problem = (
-            f"'{wanted}' is not available (available: {' '.join(available)}); "
-            f"{out['notes'][-1] if out['notes'] else ''}"
+            f"'{wanted}' is not available (available: {' '.join(available)}); {load_failure}"
         ).rstrip("; ")
         out["status"] = "unavailable"
     out["module"] = None
@@ -1101,7 +1103,7 @@ def _plan(settings, test):
         "values": {},      # key -> value to persist
         "dropped": {},     # key -> why its line is commented out
         "kept": [], "skipped": [], "satisfied": [], "notes": [], "errors": [],
-        "module": None, "live": {},
+        "module": None,
     }
     for key, text in wanted.items():
         status = _probe_one(key, None, child)
@@ -1117,7 +1119,7 @@ def _plan(settings, test):
             continue
         if status["status"] == "writable" and key == CONGESTION_KEY:
             cc = _congestion(text, settings["congestion_fallback"], test, child)
-            plan["notes"].extend(n for n in cc["notes"] if "using fallback" in n or "loaded" in n or "would load" in n)
+            plan["notes"].extend(cc["notes"])
             if cc["error"]:
                 plan["errors"].append(cc["error"])
                 continue
@@ -1136,7 +1138,6 @@ def _plan(settings, test):
                     plan["dropped"][key] = status["status"]
             continue
         live = _read(key)
-        plan["live"][key] = live
         target, kept = _effective(key, text, live, key in force)
         if kept:
             plan["kept"].append(kept)
@@ -1191,12 +1192,12 @@ def _summary(plan, overridden, boot_note):
     return parts
 
 
-def diff(profile=None, sysctls=None, config=None, force=None, policy=None, congestion_fallback=None, test=True):
+def diff(profile=None, sysctls=None, config=None, force=None, policy=None, congestion_fallback=None, test=True):  # noqa: ARG001
     """
     Compute what applying the tuning would change, without writing anything:
     ``{"changes": {key: {old, new}, <config file>: {diff}}, "comment": [...],
     "errors": [...]}``. Arguments left out come from pillar
-    ``shadowsocks:tuning``.
+    ``shadowsocks:tuning``; ``test`` is accepted and ignored (nothing is ever written).
 
     CLI Example:
 
