@@ -11,16 +11,18 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.8",
-    # The flat module files stay at the repository root (_modules, _states),
+    # The flat module files stay at the repository root (_modules, _states, _utils),
     # where file_roots and salt-ssh expect them; pip ships them inside the package.
     packages=[
         "saltext_shadowsocks_tuning",
         "saltext_shadowsocks_tuning._modules",
         "saltext_shadowsocks_tuning._states",
+        "saltext_shadowsocks_tuning._utils",
     ],
     package_dir={
         "saltext_shadowsocks_tuning._modules": "_modules",
         "saltext_shadowsocks_tuning._states": "_states",
+        "saltext_shadowsocks_tuning._utils": "_utils",
     },
     install_requires=["salt>=3006"],
     entry_points={

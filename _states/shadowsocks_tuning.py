@@ -1,12 +1,19 @@
 """
-Declare the shadowsocks kernel tuning; the work is done by the
-``shadowsocks_tuning`` execution module.
+Declare the shadowsocks tuning; the work is done by the ``shadowsocks_tuning``
+execution module. Each state only compares, honours ``test=True`` and turns
+the engine's outcome into ``{name, result, changes, comment}``. Every state
+that acts resolves the whole pillar ``shadowsocks:tuning`` first, so a typo
+anywhere fails all of them and nothing is written.
 
 .. code-block:: yaml
 
     shadowsocks-tuning-sysctls:
       shadowsocks_tuning.tuned:
         - profile: bbr          # anything left out comes from pillar shadowsocks:tuning
+
+    shadowsocks-tuning-nofile-supervisor:
+      shadowsocks_tuning.limits_applied:
+        - part: supervisor      # pillar shadowsocks:tuning:limits:supervisor
 """
 
 from salt.exceptions import CommandExecutionError, SaltInvocationError
@@ -55,7 +62,7 @@ def tuned(name, profile=None, sysctls=None, config=None, force=None, policy=None
         if __opts__["test"]:
             outcome = __salt__["shadowsocks_tuning.diff"](**args)
             if outcome["errors"]:
-                ret["comment"] = "\n".join(outcome["errors"] + outcome["comment"])
+                ret["comment"] = "\n".join(outcome["errors"] + ["Nothing was changed"] + outcome["comment"])
                 return ret
         else:
             outcome = __salt__["shadowsocks_tuning.apply"](**args)
@@ -108,10 +115,9 @@ def cleaned(name):
 
 # ---- Open-file limits ----
 #
-# Thin wrappers over the engine's open-file-limit functions; the SLS
-# shadowsocks/tuning/nofile.sls wires them: every file state requires
-# `nofile_checked`, and a changed file triggers `service_restarted` through
-# `onchanges`.
+# The SLS shadowsocks/tuning/nofile.sls uses `limits_applied` (one state per
+# part of pillar `limits`) and `nofile_reached`. The single-file states below
+# take explicit arguments, for SLS files of your own.
 def _limit_ret(name):
     return {"name": name, "result": False, "changes": {}, "comment": ""}
 
@@ -138,6 +144,50 @@ def _outcome_state(name, function, label, *args, **kwargs):
 
 def _file_state(name, function, **kwargs):
     return _outcome_state(name, function, "what", **kwargs)
+
+
+def limits_applied(name, part):
+    """
+    Put the open-file limit (pillar ``shadowsocks:tuning:nofile``) in every
+    file of one part of pillar ``shadowsocks:tuning:limits``, then stop and
+    start each service whose file changed (never Debian's ``restart``, which
+    only stops supervisor). Fails, changing nothing, when any part of the
+    pillar is invalid, a named init script is missing, or this box cannot
+    grant the limit.
+
+    part
+        ``supervisor`` (``ulimit -n`` in /etc/default/supervisor, ``minfds``
+        in supervisord.conf, a drop-in under systemd), ``shadowsocks_libev``
+        (``MAXFD`` in /etc/default/shadowsocks-libev, unit drop-ins),
+        ``init_scripts`` or ``units``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call state.single shadowsocks_tuning.limits_applied name=supervisor part=supervisor test=True
+    """
+    ret = _limit_ret(name)
+    test = __opts__["test"]
+    try:
+        outcome = __salt__["shadowsocks_tuning.nofile_apply"](part=part, test=test)
+    except (CommandExecutionError, SaltInvocationError) as exc:
+        ret["comment"] = str(exc)
+        return ret
+    comments = []
+    for item in outcome["files"]:
+        comments.append(item["comment"])
+        if item["changed"]:
+            ret["changes"][item["path"]] = {"old": item["old"], "new": item["new"], "diff": item["diff"]}
+    for restarted in outcome["restarts"]:
+        comments.append(restarted["comment"])
+        if restarted["changed"]:
+            ret["changes"][f"service {restarted['name']}"] = {"old": restarted["old"], "new": restarted["new"]}
+    if not comments:
+        comments.append(f"{part}: nothing installed to manage, or turned off in pillar")
+    ret["comment"] = "\n".join(comments)
+    ret["result"] = None if test and ret["changes"] else True
+    return ret
 
 
 def nofile_checked(name, nofile=None, limits=None):
@@ -240,7 +290,7 @@ def systemd_nofile(name, nofile, if_missing="fail"):
                        if_missing=if_missing)
 
 
-def service_restarted(name, pidfile=None, when="running", init_system="auto", timeout=30):
+def service_restarted(name, pidfile=None, when=None, init_system=None, timeout=None):
     """
     Stop the service, wait until it is gone, start it again, and fail naming
     it if it does not come back. Meant for ``onchanges`` on the file states:
@@ -255,6 +305,11 @@ def service_restarted(name, pidfile=None, when="running", init_system="auto", ti
         ``running`` (only a running service), ``always``, ``never``.
     init_system
         ``auto``, ``systemd`` or ``sysvinit``.
+    timeout
+        Seconds for the stop and for the start.
+
+    Left out, ``when``, ``init_system`` and ``timeout`` come from pillar
+    ``shadowsocks:tuning:limits`` (``restart``, ``init_system``, ``timeout``).
 
     CLI Example:
 
@@ -266,13 +321,14 @@ def service_restarted(name, pidfile=None, when="running", init_system="auto", ti
                           pidfile=pidfile, when=when, init=init_system, timeout=timeout)
 
 
-def nofile_reached(name, nofile=None, pidfiles=None, names=None, wait=10):
+def nofile_reached(name, nofile=None, pidfiles=None, names=None, wait=None):
     """
     Check that supervisord and every shadowsocks process really run with at
     least ``nofile`` open files (``/proc/<pid>/limits``). Fails, saying why
     where it can tell, for a process still below it, e.g. one capped by a
     parent's hard limit without CAP_SYS_RESOURCE. Waits up to ``wait``
     seconds for restarted daemons; under ``test=True`` it only reports.
+    Arguments left out come from pillar (``nofile``, ``limits:verify``).
 
     pidfiles
         Only the process trees of these daemons (default: every process found).
@@ -287,6 +343,10 @@ def nofile_reached(name, nofile=None, pidfiles=None, names=None, wait=10):
     """
     ret = _limit_ret(name)
     try:
+        if pidfiles is None or wait is None:
+            verify = __salt__["shadowsocks_tuning.settings"](nofile=nofile)["verify"]
+            pidfiles = verify["pidfiles"] if pidfiles is None else pidfiles
+            wait = verify["wait"] if wait is None else wait
         report = __salt__["shadowsocks_tuning.nofile"](
             wanted=nofile, names=names, pidfiles=pidfiles, wait=0 if __opts__["test"] else wait
         )

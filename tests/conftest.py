@@ -3,7 +3,6 @@ guard that fails any test which leaves the host's sysctls changed."""
 
 import pathlib
 import subprocess
-import sys
 import uuid
 
 import attr
@@ -13,13 +12,11 @@ from saltfactories.cli.call import SaltCall
 
 from support.common import REPO, read_in_netns
 
-sys.path.insert(0, str(REPO / "_modules"))
-
-import shadowsocks_tuning as engine  # noqa: E402  (the flat module, for its catalogue)
+from sstuning_catalogue import CATALOGUE  # the flat engine file (pytest.ini puts _utils on sys.path)
 
 # Every key this package knows, plus the global ones a child network namespace
 # can still reach on this kernel (fs.* is not namespaced at all).
-GUARDED_KEYS = sorted(set(engine.CATALOGUE) | {"fs.file-max", "fs.nr_open"})
+GUARDED_KEYS = sorted(set(CATALOGUE) | {"fs.file-max", "fs.nr_open"})
 
 
 def _host_values():

@@ -1,5 +1,5 @@
 """Helpers shared by test modules. They live here, not in conftest.py:
-tests/conftest.py and tests/fleet/conftest.py are both module `conftest`,
+tests/conftest.py and tests/integration/conftest.py are both module `conftest`,
 so `from conftest import ...` would pick whichever pytest loaded last."""
 
 import pathlib

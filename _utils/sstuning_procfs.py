@@ -1,0 +1,189 @@
+"""
+Reading the kernel: sysctls under a ``/proc/sys`` root (read, write and read
+back) and processes under ``/proc`` (state, parent, argv, open-file limits,
+capabilities). No Salt here: every function takes the root it reads from.
+"""
+
+import os
+import re
+
+from sstuning_catalogue import normalise_live, validate_key
+
+CAP_SYS_RESOURCE = 24  # capability(7) bit: may raise a hard limit
+AVAILABLE_CC = "net.ipv4.tcp_available_congestion_control"
+ALLOWED_CC = "net.ipv4.tcp_allowed_congestion_control"
+
+_PATHS = {}  # (proc_root, key) -> path: a key is validated once per root
+
+
+def sysctl_path(proc_root, key):
+    """The file of ``key`` under ``proc_root``; the key is validated first, so
+    it can never name a path outside that root."""
+    try:
+        return _PATHS[proc_root, key]
+    except (KeyError, TypeError):
+        path = os.path.join(proc_root, *validate_key(key).split("."))
+        _PATHS[proc_root, key] = path
+        return path
+
+
+def read(proc_root, key):
+    """The live value, normalised. Raises OSError (FileNotFoundError: no such key)."""
+    # Unbuffered bytes: a text wrapper per read costs more than the read.
+    with open(sysctl_path(proc_root, key), "rb", buffering=0) as handle:
+        return normalise_live(handle.read().decode("ascii", "replace"))
+
+
+def read_or(proc_root, key, default=None):
+    try:
+        return read(proc_root, key)
+    except OSError:
+        return default
+
+
+def write(proc_root, key, text):
+    """Write one value and read it back. Raises OSError from the kernel, or
+    EINVAL when the kernel stored something else."""
+    # O_TRUNC: harmless on procfs, needed for a proc_root tree of plain files.
+    fd = os.open(sysctl_path(proc_root, key), os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, text.encode("ascii"))
+    finally:
+        os.close(fd)
+    stored = read(proc_root, key)
+    if stored != text:
+        raise OSError(22, f"the kernel stored '{stored}' instead")
+    return stored
+
+
+def in_child_netns(proc_root):
+    """True inside a child network namespace (a container): netdev_max_backlog
+    lives in the kernel's init-namespace-only table, somaxconn in the
+    per-namespace one, so one without the other tells."""
+    return os.path.exists(os.path.join(proc_root, "net/core/somaxconn")) and not os.path.exists(
+        os.path.join(proc_root, "net/core/netdev_max_backlog")
+    )
+
+
+def read_only_mount(proc_root):
+    return bool(os.statvfs(proc_root).f_flag & os.ST_RDONLY)
+
+
+_RELEASE = re.match(r"(\d+)\.(\d+)", os.uname().release)
+_KERNEL_VERSION = (int(_RELEASE.group(1)), int(_RELEASE.group(2))) if _RELEASE else (0, 0)
+
+
+def kernel_version():
+    """(major, minor) of the running kernel."""
+    return _KERNEL_VERSION
+
+
+def nr_open(proc_root):
+    """fs.nr_open: the ceiling of any process's RLIMIT_NOFILE."""
+    try:
+        return int(read_or(proc_root, "fs.nr_open"))
+    except (TypeError, ValueError):
+        return 1048576  # the kernel's default
+
+
+# --------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------
+def proc_stat(pid):
+    """(comm, state, ppid) from /proc/<pid>/stat, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    head, _, rest = text.rpartition(")")
+    fields = rest.split()
+    if len(fields) < 2:
+        return None
+    return head.split("(", 1)[-1], fields[0], int(fields[1])
+
+
+def alive(pid):
+    stat = proc_stat(pid)
+    return stat is not None and stat[1] != "Z"
+
+
+def proc_nofile(pid):
+    """(soft, hard) 'Max open files' of a process (None = unlimited), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/limits") as handle:
+            for line in handle:
+                if line.startswith("Max open files"):
+                    soft, hard = line[len("Max open files"):].split()[:2]
+                    return tuple(None if v == "unlimited" else int(v) for v in (soft, hard))
+    except OSError:
+        return None
+    return None
+
+
+def has_cap_sys_resource(pid="self"):
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
+def proc_argv(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return [a.decode("utf-8", "replace") for a in handle.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def match_name(comm, argv, names):
+    """The name in ``names`` a process goes by, or None."""
+    if comm in names:
+        return comm
+    candidates = argv[:1]
+    # Python programs (ssserver, supervisord) show as `python3 /usr/bin/NAME` when started that way.
+    if argv and os.path.basename(argv[0]).startswith(("python", "pypy")):
+        candidates = argv[1:2]
+    for arg in candidates:
+        base = os.path.basename(arg)
+        base = base[:-3] if base.endswith(".py") else base
+        if base in names:
+            return base
+    return None
+
+
+def process_table():
+    """{pid: (comm, state, ppid)} of every live (non-zombie) process."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = proc_stat(int(entry))
+            if stat is not None and stat[1] != "Z":
+                table[int(entry)] = stat
+    return table
+
+
+def pid_from(pidfile):
+    try:
+        with open(pidfile, "rb") as handle:
+            return int(handle.read(64).split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def subtree(table, roots):
+    """The pids of ``roots`` and all their descendants."""
+    children = {}
+    for pid, (_, _, ppid) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    seen, todo = set(), [r for r in roots if r in table]
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo.extend(children.get(pid, ()))
+    return seen

@@ -1,0 +1,192 @@
+"""
+Services: stop a daemon, wait until it is really gone, start it, and wait
+until it runs again, so that it comes back with the open-file limit now
+configured. Never the init script's ``restart``: Debian 12's
+``/etc/init.d/supervisor restart`` only stops supervisord. Under systemd:
+``daemon-reload`` then ``restart`` (``try-restart`` for template units).
+"""
+
+import contextlib
+import os
+import select
+import shutil
+import subprocess
+import time
+
+from salt.exceptions import CommandExecutionError
+
+import sstuning_procfs as procfs
+from sstuning_settings import LIMITS, OPTIONS
+
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# What `service` gives an init script: no variables of the salt process leak in.
+SERVICE_ENV = {"PATH": SYSTEM_PATH, "LANG": "C"}
+
+
+def run_service(argv, timeout):
+    """Run one service command with a clean environment; returns (rc, output).
+    Output is read through a pipe and kept short; a daemon that keeps the pipe
+    open cannot hold this up, as reading stops once the command has exited."""
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=dict(SERVICE_ENV), close_fds=True, start_new_session=True,
+        )
+    except OSError as exc:
+        raise CommandExecutionError(f"cannot run {' '.join(argv)}: {exc.strerror or exc}")
+    kept = bytearray()
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+
+    def read():
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return None
+        kept.extend(chunk[: max(0, 16384 - len(kept))])
+        return chunk
+
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise CommandExecutionError(f"`{' '.join(argv)}` did not finish within {timeout} s; it was killed")
+            if select.select([fd], [], [], 0.1)[0] and read() == b"":
+                # Every writer closed the pipe: just wait for the command itself.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        # The command has exited: take what is already in the pipe, without
+        # waiting for a daemon that still holds it (and may write forever).
+        for _ in range(64):
+            if not select.select([fd], [], [], 0)[0] or not read():
+                break
+    finally:
+        proc.stdout.close()
+    return proc.returncode, kept.decode("utf-8", "replace").strip()
+
+
+def _service_argv(opts, name, action):
+    init_dir = opts["init_dir"]
+    script = os.path.join(init_dir, name)
+    if not os.path.isfile(script):
+        raise CommandExecutionError(
+            f"service {name}: no init script {script}; install the service, or fix its name in pillar {LIMITS}"
+        )
+    service = shutil.which(opts["service_cmd"], path=SYSTEM_PATH)
+    if init_dir == OPTIONS["init_dir"] and service:
+        return [service, name, action]
+    return [script, action]
+
+
+def _sysv_running(opts, name, pidfile):
+    """The daemon's pid (from its pidfile), True (status exit 0), or None."""
+    if pidfile:
+        pid = procfs.pid_from(pidfile)
+        return pid if pid and procfs.alive(pid) else None
+    rc, _ = run_service(_service_argv(opts, name, "status"), 30)
+    return True if rc == 0 else None
+
+
+def _sysv_stopped(opts, name, pidfile, old):
+    if isinstance(old, int) and not isinstance(old, bool):
+        stat = procfs.proc_stat(old)
+        # A zombie still named by its pidfile makes start-stop-daemon think it runs.
+        return stat is None or (stat[1] == "Z" and procfs.pid_from(pidfile) != old)
+    return _sysv_running(opts, name, pidfile) is None
+
+
+def wait_for(predicate, timeout, interval=0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def _describe_run(argv, rc, output):
+    return f"`{' '.join(argv)}` exited {rc}" + (f": {output[-600:]}" if output else "")
+
+
+def sysv_stop_start(opts, name, pidfile, when, timeout, test):
+    running = _sysv_running(opts, name, pidfile)
+    old = f"running (pid {running})" if running not in (None, True) else ("running" if running else "stopped")
+    result = {"name": name, "changed": False, "old": old, "new": old}
+    if when == "never":
+        result["comment"] = f"{name}: restart is off (restart: never); stop and start it yourself for the new limit"
+        return result
+    if running is None and when == "running":
+        result["comment"] = f"{name} is not running: left stopped (it gets the new limit when it starts)"
+        return result
+    if test:
+        result.update(changed=True, new="stopped and started",
+                      comment=f"{name} would be stopped and started (service {name} stop, then start)")
+        return result
+    if running is not None:
+        argv = _service_argv(opts, name, "stop")
+        rc, output = run_service(argv, timeout)
+        if rc != 0:
+            raise CommandExecutionError(
+                f"service {name} could not be stopped: {_describe_run(argv, rc, output)}; it still runs with its old limit"
+            )
+        if not wait_for(lambda: _sysv_stopped(opts, name, pidfile, running), timeout):
+            raise CommandExecutionError(
+                f"service {name} still runs {timeout} s after `stop`; not started again, check it by hand"
+            )
+    argv = _service_argv(opts, name, "start")
+    rc, output = run_service(argv, timeout)
+    if rc != 0:
+        raise CommandExecutionError(f"service {name} failed to start: {_describe_run(argv, rc, output)}")
+    now = wait_for(lambda: _sysv_running(opts, name, pidfile), timeout)
+    if not now:
+        raise CommandExecutionError(
+            f"service {name} failed to start: not running {timeout} s after {_describe_run(argv, rc, output)}"
+        )
+    result.update(changed=True, new=f"running (pid {now})" if now is not True else "running",
+                  comment=f"{name} stopped and started")
+    return result
+
+
+def _systemctl(opts):
+    binary = shutil.which(opts["systemctl"], path=SYSTEM_PATH)
+    if binary is None:
+        raise CommandExecutionError("systemctl not found, although systemd was chosen (pillar "
+                                    f"{LIMITS}:init_system); set it to sysvinit or auto")
+    return binary
+
+
+def systemd_restart(opts, unit, when, timeout, test):
+    template = unit.endswith("@.service")
+    target = unit[: -len("@.service")] + "@*.service" if template else unit
+    result = {"name": unit, "changed": False, "old": None, "new": None}
+    if when == "never":
+        result["comment"] = f"{unit}: restart is off (restart: never); run systemctl daemon-reload and restart it yourself"
+        return result
+    systemctl = _systemctl(opts)
+    if when == "running" and not template:
+        rc, _ = run_service([systemctl, "is-active", "--quiet", "--", unit], timeout)
+        if rc != 0:
+            argv = [systemctl, "daemon-reload"]
+            if not test:
+                rc, output = run_service(argv, timeout)
+                if rc != 0:
+                    raise CommandExecutionError(f"{unit}: {_describe_run(argv, rc, output)}")
+            result["comment"] = f"{unit} is not active: systemd reloaded, unit left stopped"
+            return result
+    # A template's instances are matched by pattern; only loaded (running) ones restart.
+    action = "try-restart" if when == "running" or template else "restart"
+    commands = [[systemctl, "daemon-reload"], [systemctl, action, "--", target]]
+    if test:
+        result.update(changed=True, new="restarted",
+                      comment=f"would run: {'; '.join(' '.join(c[1:]) for c in commands)}")
+        return result
+    for argv in commands:
+        rc, output = run_service(argv, timeout)
+        if rc != 0:
+            raise CommandExecutionError(f"{unit} failed to restart: {_describe_run(argv, rc, output)}")
+    result.update(changed=True, new="restarted", comment=f"{target}: daemon-reload, {action}")
+    return result
+
+

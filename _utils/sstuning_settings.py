@@ -1,0 +1,496 @@
+"""
+Settings: every default once, and the one function that turns minion
+options, pillar ``shadowsocks:tuning`` and explicit arguments into validated,
+plain settings for both halves of the package (kernel sysctls and open-file
+limits).
+
+Nothing here reads Salt's dunders or the kernel: the caller passes the pillar
+data, the option getter and the two facts that depend on the box (``nr_open``,
+and whether systemd is PID 1). Every problem anywhere in the pillar is
+collected, so one message names them all, with their pillar paths, before
+anything is written.
+"""
+
+import os
+import re
+
+from salt.exceptions import SaltInvocationError
+
+from sstuning_catalogue import CONGESTION_KEY, DEFAULT_PROFILE, PROFILES, normalise, validate_key
+
+PILLAR = "shadowsocks:tuning"
+LIMITS = f"{PILLAR}:limits"
+
+# Minion options `shadowsocks_tuning.<name>`: where the package reads and writes.
+OPTIONS = {
+    "proc_root": "/proc/sys",
+    "state_dir": "/var/lib/shadowsocks_tuning",
+    "sysctl_dirs": ["/etc/sysctl.d", "/run/sysctl.d", "/usr/local/lib/sysctl.d", "/usr/lib/sysctl.d", "/lib/sysctl.d"],
+    "sysctl_conf": "/etc/sysctl.conf",
+    "modules_load_dir": "/etc/modules-load.d",
+    "init_dir": "/etc/init.d",
+    "service_cmd": "service",
+    "systemctl": "systemctl",
+    # sd_booted(3): systemd is PID 1 exactly when this directory exists.
+    "systemd_marker": "/run/systemd/system",
+    "systemd_dir": "/etc/systemd/system",
+    "unit_dirs": ["/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
+                  "/usr/lib/systemd/system", "/lib/systemd/system"],
+}
+
+# Pillar `shadowsocks:tuning`: every key and its default. A pillar mapping is
+# merged over its default; a list or value replaces it; `null` turns a part
+# of `limits` off.
+DEFAULTS = {
+    "profile": DEFAULT_PROFILE,
+    "profiles": {},
+    "sysctls": {},
+    "config": "/etc/sysctl.d/local.conf",
+    "force": [],
+    "policy": {"unavailable": "warn", "override": "warn", "keys": {}},
+    "congestion_fallback": None,
+    "nofile": 51200,  # the recipe's `ulimit -n 51200`
+    "limits": {
+        "init_system": "auto",
+        "restart": "running",
+        "timeout": 30,
+        "supervisor": {
+            "service": "supervisor",
+            "pidfile": "/var/run/supervisord.pid",
+            "defaults_file": "/etc/default/supervisor",
+            "config": "/etc/supervisor/supervisord.conf",
+            "unit": "supervisor.service",
+        },
+        "shadowsocks_libev": {
+            "service": "shadowsocks-libev",
+            "pidfile": "/var/run/shadowsocks-libev/shadowsocks-libev.pid",
+            "defaults_file": "/etc/default/shadowsocks-libev",
+            "units": [
+                "shadowsocks-libev.service",
+                "shadowsocks-libev-server@.service",
+                "shadowsocks-libev-local@.service",
+                "shadowsocks-libev-redir@.service",
+                "shadowsocks-libev-tunnel@.service",
+            ],
+        },
+        "init_scripts": [],
+        "units": [],
+        "verify": {"pidfiles": [], "wait": 5},
+    },
+}
+INIT_SCRIPT_FIELDS = ("path", "service", "pidfile")
+# The parts of `limits` a state manages, in the order the SLS applies them.
+LIMITS_PARTS = ("supervisor", "shadowsocks_libev", "init_scripts", "units")
+POLICIES = ("warn", "strict")
+INIT_SYSTEMS = ("auto", "systemd", "sysvinit")
+RESTART_WHEN = ("running", "always", "never")
+
+_PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9@._+:-]{0,254}\Z")
+_UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.\\-]+(?:@[A-Za-z0-9:_.\\-]*)?\.service\Z")
+
+
+def options(get):
+    """The minion options, each read once through ``get`` (``__opts__.get``)."""
+    return {name: get(f"shadowsocks_tuning.{name}", default) for name, default in OPTIONS.items()}
+
+
+# --------------------------------------------------------------------------
+# Validators: return the clean value or raise SaltInvocationError naming `where`
+# --------------------------------------------------------------------------
+def validate_nofile(value, nr_open, where="nofile"):
+    """A positive whole number no higher than ``fs.nr_open``, the kernel's
+    ceiling for any process's RLIMIT_NOFILE."""
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and re.fullmatch(r"[ \t]*\+?[0-9]{1,19}[ \t]*", value):
+        number = int(value)
+    if number is None or number < 1:
+        raise SaltInvocationError(
+            f"{where}: {value!r} is not a positive integer; give the open-file limit the daemons should get, e.g. 51200"
+        )
+    if number > nr_open:
+        raise SaltInvocationError(
+            f"{where}: {number} is above fs.nr_open ({nr_open}), the kernel's ceiling for a process's open-file "
+            "limit; lower it, or raise fs.nr_open first"
+        )
+    return number
+
+
+def validate_path(path, where):
+    if (
+        not isinstance(path, str) or not os.path.isabs(path) or any(c in path for c in "\0\n\r")
+        or ".." in path.split("/")
+    ):
+        raise SaltInvocationError(f"{where}: {path!r} must be an absolute path without '..', e.g. /etc/default/supervisor")
+    return os.path.normpath(path)
+
+
+def validate_choice(value, allowed, where):
+    if value not in allowed:
+        raise SaltInvocationError(f"{where}: {value!r} must be one of {', '.join(allowed)}")
+    return value
+
+
+def validate_service(name, where):
+    if not isinstance(name, str) or not _SERVICE_NAME.match(name):
+        raise SaltInvocationError(
+            f"{where}: {name!r} is not a service name (letters, digits, '@._+:-', no '/'), e.g. supervisor"
+        )
+    return name
+
+
+def validate_unit(unit, where):
+    """`supervisor` -> `supervisor.service`; template units keep their `@`."""
+    name = unit
+    if isinstance(name, str) and not name.endswith(".service") and "." not in name.rsplit("@", 1)[-1]:
+        name += ".service"
+    if not isinstance(name, str) or not _UNIT_NAME.match(name):
+        raise SaltInvocationError(
+            f"{where}: {unit!r} is not a systemd service unit such as supervisor.service or "
+            "shadowsocks-libev-server@.service"
+        )
+    return name
+
+
+def validate_seconds(value, where, low=1, high=600):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise SaltInvocationError(f"{where}: {value!r} must be a number of seconds from {low} to {high}")
+    return value
+
+
+def validate_config(config, where):
+    # Only *.conf: the engine rewrites this file 0644, so a path such as
+    # /etc/shadow must never be taken (and `sysctl --system` reads only *.conf).
+    if (not isinstance(config, str) or not os.path.isabs(config) or "\n" in config or "\0" in config
+            or ".." in config.split("/") or not config.endswith(".conf")):
+        raise SaltInvocationError(f"{where}: {config!r} must be an absolute file path ending in .conf, without '..'")
+    return config
+
+
+# --------------------------------------------------------------------------
+# Pillar data
+# --------------------------------------------------------------------------
+def plain(data):
+    """Deep copy as plain dicts and lists (Salt 3008 masks the repr of pillar
+    containers, which would leak into messages)."""
+    if isinstance(data, dict):
+        return {str(k): plain(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [plain(v) for v in data]
+    return data
+
+
+def pillar_tuning(pillar):
+    """``shadowsocks:tuning`` out of the whole pillar, by item access
+    (``pillar.get`` masks values inside modules on Salt 3008). Anything but a
+    mapping is returned as it is, for ``resolve`` to report."""
+    try:
+        shadowsocks = pillar["shadowsocks"]
+    except (KeyError, TypeError):
+        return {}
+    if shadowsocks is None:
+        return {}
+    if not isinstance(shadowsocks, dict):
+        return shadowsocks  # reported by resolve, with the path
+    data = shadowsocks.get("tuning")
+    return {} if data is None else plain(data)
+
+
+def _merge(default, override):
+    if isinstance(default, dict) and isinstance(override, dict):
+        merged = dict(default)
+        for key, value in override.items():
+            merged[key] = _merge(default.get(key), value) if key in default else value
+        return merged
+    return override
+
+
+class _Errors(list):
+    """Collects every problem instead of stopping at the first."""
+
+    def call(self, func, *args):
+        try:
+            return func(*args)
+        except SaltInvocationError as exc:
+            self.append(str(exc))
+            return None
+
+    def unknown(self, data, allowed, where):
+        extra = sorted(str(k) for k in set(data) - set(allowed))
+        if extra:
+            self.append(f"{where}: unknown key(s) {', '.join(extra)} (allowed: {', '.join(allowed)}); see pillar.example")
+
+
+# --------------------------------------------------------------------------
+# The resolution
+# --------------------------------------------------------------------------
+def resolve(tuning, arguments=None, nr_open=1048576, systemd=False):
+    """
+    Validated settings from pillar ``shadowsocks:tuning`` (``tuning``, as
+    returned by ``pillar_tuning``) and explicit ``arguments`` (``{name:
+    value}``; None means "not given"), over ``DEFAULTS``. ``nr_open`` and
+    ``systemd`` are the box's facts. Raises SaltInvocationError naming every
+    problem with its pillar path (or argument); returns plain data.
+    """
+    errors = _Errors()
+    if not isinstance(tuning, dict):
+        raise SaltInvocationError(
+            f"pillar {PILLAR} must be a mapping (profile: ..., nofile: ..., limits: ...), got "
+            f"{type(tuning).__name__} {tuning!r}; see pillar.example. Nothing was changed"
+        )
+    errors.unknown(tuning, DEFAULTS, f"pillar {PILLAR}")
+    given = {k: v for k, v in (arguments or {}).items() if v is not None}
+
+    def pick(name):
+        """(value, where) of a top-level setting: argument, else pillar, else default."""
+        if name in given:
+            return plain(given[name]), f"argument {name}"
+        if name in tuning and tuning[name] is not None:
+            return tuning[name], f"pillar {PILLAR}:{name}"
+        return DEFAULTS[name], f"pillar {PILLAR}:{name}"
+
+    settings = {}
+    _resolve_sysctls(settings, pick, errors)
+    _resolve_limits(settings, pick, errors, nr_open, systemd)
+    if errors:
+        raise SaltInvocationError("\n".join(errors) + "\nNothing was changed: fix the pillar (or arguments) above")
+    return settings
+
+
+def _resolve_sysctls(settings, pick, errors):
+    extra, where = pick("profiles")
+    known = errors.call(all_profiles, extra, where) or {name: dict(body) for name, body in PROFILES.items()}
+    settings["profiles"] = {
+        name: body.get("description") or f"custom profile (include: {body.get('include')})" for name, body in known.items()
+    }
+    name, where = pick("profile")
+    chain, merged = errors.call(resolve_profile, name, known, where) or ([], {})
+    settings["profile"] = name if chain else str(name)
+    settings["chain"] = chain
+
+    overrides, where_overrides = pick("sysctls")
+    if not isinstance(overrides, dict):
+        errors.append(f"{where_overrides} must be a mapping of sysctl key to value")
+        overrides = {}
+    for key, value in overrides.items():
+        merged[key] = (value, where_overrides)
+    wanted, sources = {}, {}
+    for key, (value, source) in merged.items():
+        where = f"{source}: " if source.startswith(("argument", "pillar")) else f"{source} (pillar {PILLAR}:profiles): "
+        if value is None:  # `key: null` in pillar drops a key a profile set
+            if errors.call(validate_key, key) is None:
+                errors[-1] = where + errors[-1]
+            continue
+        text = errors.call(normalise, key, value, where)  # validates the key too
+        if text is not None:
+            wanted[key], sources[key] = text, source
+    settings["sysctls"], settings["sources"] = wanted, sources
+
+    config, where = pick("config")
+    settings["config"] = errors.call(validate_config, config, where)
+
+    force, where = pick("force")
+    settings["force"] = []
+    settings["force_nofile"] = force is True
+    if force is True:
+        settings["force"] = list(wanted)
+    else:
+        force = [force] if isinstance(force, str) else force
+        if not isinstance(force, list) or not all(isinstance(k, str) for k in force):
+            errors.append(f"{where} must be a list of sysctl keys and/or `nofile` (or true for all)")
+        else:
+            settings["force"] = [k for k in force if k != "nofile"]
+            settings["force_nofile"] = "nofile" in force
+
+    policy, where = pick("policy")
+    settings["policy"] = dict(DEFAULTS["policy"])
+    if not isinstance(policy, dict):
+        errors.append(f"{where} must be a mapping (unavailable, override, keys)")
+    else:
+        errors.unknown(policy, DEFAULTS["policy"], where)
+        per_key = policy.get("keys") or {}
+        if not isinstance(per_key, dict):
+            errors.append(f"{where}:keys: {per_key!r} must be a mapping of sysctl key to warn or strict")
+            per_key = {}
+        checks = [(f"{where}:{field}", policy.get(field, "warn")) for field in ("unavailable", "override")]
+        checks += [(f"{where}:keys:{k}", v) for k, v in per_key.items()]
+        for field, value in checks:
+            errors.call(validate_choice, value, POLICIES, field)
+        settings["policy"] = {
+            "unavailable": policy.get("unavailable", "warn"),
+            "override": policy.get("override", "warn"),
+            "keys": dict(per_key),
+        }
+
+    fallback, where = pick("congestion_fallback")
+    settings["congestion_fallback"] = None
+    if fallback is not None:
+        settings["congestion_fallback"] = errors.call(normalise, CONGESTION_KEY, fallback, f"{where}: ")
+
+
+def all_profiles(extra, where=f"pillar {PILLAR}:profiles"):
+    """The built-in profiles plus those of pillar, checked for shape."""
+    profiles = {name: dict(body) for name, body in PROFILES.items()}
+    if not extra:
+        return profiles
+    if not isinstance(extra, dict):
+        raise SaltInvocationError(f"{where} must be a mapping of profile name to profile")
+    for name, body in extra.items():
+        # The name is written into the persisted file (`# profile: NAME`): a
+        # newline in it would add a live line there.
+        if not isinstance(name, str) or not _PROFILE_NAME.match(name):
+            raise SaltInvocationError(f"{where}: profile name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        if not isinstance(body, dict):
+            raise SaltInvocationError(f"{where}:{name} must be a mapping with 'include' and/or 'sysctls'")
+        unknown = set(body) - {"include", "sysctls", "description"}
+        if unknown:
+            raise SaltInvocationError(
+                f"{where}:{name}: unknown field(s) {', '.join(sorted(unknown))} (allowed: include, sysctls, description)"
+            )
+        profiles[name] = body
+    return profiles
+
+
+def resolve_profile(name, profiles, where=f"pillar {PILLAR}:profile"):
+    """Walk `include` from the root down; returns (chain, {key: (value, source)})."""
+    chain = []
+    current = name
+    while current is not None:
+        if not isinstance(current, str) or current not in profiles:
+            at = where if not chain else f"pillar {PILLAR}:profiles:{chain[-1]}:include"
+            raise SaltInvocationError(f"{at}: unknown profile {current!r} (known: {', '.join(sorted(profiles))})")
+        if current in chain:
+            raise SaltInvocationError(f"pillar {PILLAR}:profiles: include cycle {' -> '.join(chain + [current])}")
+        chain.append(current)
+        current = profiles[current].get("include")
+    merged = {}
+    for profile_name in reversed(chain):
+        sysctls = profiles[profile_name].get("sysctls") or {}
+        if not isinstance(sysctls, dict):
+            raise SaltInvocationError(f"pillar {PILLAR}:profiles:{profile_name}:sysctls must be a mapping of key to value")
+        for key, value in sysctls.items():
+            merged[key] = (value, f"profile {profile_name}")
+    return chain, merged
+
+
+def _resolve_limits(settings, pick, errors, nr_open, systemd):
+    """Open-file limits: N, and the files and services of each part of
+    `limits`, as groups of {files, restart}: a group's service is stopped and
+    started when one of its files changed."""
+    value, where = pick("nofile")
+    settings["nofile"] = errors.call(validate_nofile, value, nr_open, where)
+
+    raw, where = pick("limits")
+    if not isinstance(raw, dict):
+        errors.append(f"{where} must be a mapping ({', '.join(DEFAULTS['limits'])})")
+        raw = {}
+    errors.unknown(raw, DEFAULTS["limits"], where)
+    limits = _merge(DEFAULTS["limits"], raw)
+    init = errors.call(validate_choice, limits["init_system"], INIT_SYSTEMS, f"{where}:init_system")
+    use_systemd = init == "systemd" or (init == "auto" and systemd)
+    settings["init_system"] = "systemd" if use_systemd else "sysvinit"
+    settings["restart"] = errors.call(validate_choice, limits["restart"], RESTART_WHEN, f"{where}:restart")
+    settings["timeout"] = errors.call(validate_seconds, limits["timeout"], f"{where}:timeout")
+
+    def section(name):
+        data = limits.get(name)
+        if data is None:
+            return None  # turned off in pillar
+        if not isinstance(data, dict):
+            errors.append(f"{where}:{name} must be a mapping ({', '.join(DEFAULTS['limits'][name])}) or null")
+            return None
+        errors.unknown(data, DEFAULTS["limits"][name], f"{where}:{name}")
+        return data
+
+    def path(data, field, at):
+        if not data.get(field):
+            return None
+        return errors.call(validate_path, data[field], f"{at}:{field}")
+
+    def file_(kind, path_, at, **extra):
+        return dict(kind=kind, path=path_, where=at, **extra)
+
+    def units(data, at):
+        if data is None:
+            return []
+        if not isinstance(data, list):
+            errors.append(f"{at} must be a list of unit names")
+            return []
+        return [u for u in (errors.call(validate_unit, unit, f"{at}[{i}]") for i, unit in enumerate(data)) if u]
+
+    def unit_groups(unit_names):
+        return [{"files": [file_("dropin", None, None, unit=u)], "restart": {"name": u, "pidfile": None}}
+                for u in unit_names]
+
+    parts = {name: [] for name in LIMITS_PARTS}
+
+    sup = section("supervisor")
+    if sup is not None:
+        at = f"{where}:supervisor"
+        files = []
+        defaults_file = path(sup, "defaults_file", at)
+        if defaults_file:
+            files.append(file_("ulimit", defaults_file, f"{at}:defaults_file", placement="end", required=False))
+        config = path(sup, "config", at)
+        if config:
+            files.append(file_("minfds", config, f"{at}:config", required=False))
+        unit = errors.call(validate_unit, sup["unit"], f"{at}:unit") if sup.get("unit") else None
+        service = errors.call(validate_service, sup["service"], f"{at}:service") if sup.get("service") else None
+        pidfile = path(sup, "pidfile", at)
+        if use_systemd and unit:
+            files.append(file_("dropin", None, None, unit=unit))
+        name = unit if use_systemd else service
+        parts["supervisor"].append({"files": files, "restart": {"name": name, "pidfile": pidfile} if name else None})
+
+    ssl = section("shadowsocks_libev")
+    if ssl is not None:
+        at = f"{where}:shadowsocks_libev"
+        service = errors.call(validate_service, ssl["service"], f"{at}:service") if ssl.get("service") else None
+        pidfile = path(ssl, "pidfile", at)
+        defaults_file = path(ssl, "defaults_file", at)
+        ssl_units = units(ssl.get("units"), f"{at}:units")
+        if defaults_file:
+            # Its init script runs `ulimit -n ${MAXFD}`; under systemd the units' drop-ins carry the limit.
+            restart = {"name": service, "pidfile": pidfile} if service and not use_systemd else None
+            parts["shadowsocks_libev"].append(
+                {"files": [file_("assignment", defaults_file, f"{at}:defaults_file", key="MAXFD", required=False)],
+                 "restart": restart})
+        if use_systemd:
+            parts["shadowsocks_libev"].extend(unit_groups(ssl_units))
+
+    scripts = limits.get("init_scripts") or []
+    if not isinstance(scripts, list):
+        errors.append(f"{where}:init_scripts must be a list of paths or {{path, service, pidfile}} mappings")
+        scripts = []
+    for index, item in enumerate(scripts):
+        at = f"{where}:init_scripts[{index}]"
+        item = item if isinstance(item, dict) else {"path": item}
+        errors.unknown(item, INIT_SCRIPT_FIELDS, at)
+        script = errors.call(validate_path, item.get("path"), f"{at}:path")
+        service = item.get("service") or (os.path.basename(script) if script else None)
+        service = errors.call(validate_service, service, f"{at}:service") if service else None
+        pidfile = path(item, "pidfile", at)
+        if script:
+            parts["init_scripts"].append(
+                {"files": [file_("ulimit", script, f"{at}:path", placement="init", required=True)],
+                 "restart": {"name": service, "pidfile": pidfile} if service else None})
+
+    extra_units = units(limits.get("units"), f"{where}:units")
+    if use_systemd:
+        parts["units"] = unit_groups(extra_units)
+    settings["limits"] = parts
+
+    verify = section("verify") or {}
+    pidfiles = verify.get("pidfiles") or []
+    if not isinstance(pidfiles, list):
+        errors.append(f"{where}:verify:pidfiles must be a list of pidfile paths")
+        pidfiles = []
+    settings["verify"] = {
+        "pidfiles": [p for p in (errors.call(validate_path, p, f"{where}:verify:pidfiles[{i}]")
+                                 for i, p in enumerate(pidfiles)) if p],
+        "wait": errors.call(validate_seconds, verify.get("wait", DEFAULTS["limits"]["verify"]["wait"]),
+                            f"{where}:verify:wait", 0, 600),
+    }
+
