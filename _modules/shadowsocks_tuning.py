@@ -464,7 +464,7 @@ def nofile_check(nofile=None, limits=None):
         "ok": not errors,
         "nofile": resolved["nofile"],
         "init_system": resolved["init_system"],
-        "grantable": planned["grantable"],
+        "grantable": limits_engine.grantable(_options()["proc_root"])["limit"],
         "manage": planned["manage"],
         "skipped": planned["skipped"],
         "errors": errors,
@@ -498,7 +498,11 @@ def nofile_apply(part=None, test=False):
             _fail(errors)
         files, restarts = [], []
         for name in parts:
-            done = limits_engine.apply_part(resolved, opts, planned["parts"][name], bool(test))
+            try:
+                done = limits_engine.apply_part(resolved, opts, planned["parts"][name], bool(test))
+            except CommandExecutionError as exc:
+                written = [item["path"] for item in limits_engine.written(planned["parts"][name])]
+                raise CommandExecutionError(f"{exc} (written before that: {', '.join(written) or 'nothing'})")
             files.extend(done[0])
             restarts.extend(done[1])
     for item in files:

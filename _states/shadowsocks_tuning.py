@@ -192,12 +192,12 @@ def limits_applied(name, part):
 
 def nofile_checked(name, nofile=None, limits=None):
     """
-    Validate the whole open-file-limit configuration before any file is
-    touched: N, paths, service and unit names, the files' contents, missing
-    init scripts, and whether N can be granted here at all (a hard limit
-    without CAP_SYS_RESOURCE caps it). Changes nothing; the file states of
-    ``shadowsocks.tuning.nofile`` require it, so bad input leaves every file
-    as it was.
+    Validate the whole tuning before anything is touched: every pillar key,
+    N, paths, service and unit names, the files' contents, missing init
+    scripts, and whether N can be granted here at all (a hard limit without
+    CAP_SYS_RESOURCE caps it). Changes nothing. ``limits_applied`` and
+    ``tuned`` run the same check themselves; this state is for SLS files of
+    your own that want it as a requisite.
 
     nofile
         The open-file limit (pillar ``shadowsocks:tuning:nofile``).

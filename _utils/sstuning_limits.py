@@ -154,7 +154,7 @@ def grantable(proc_root):
 def plan(settings, opts):
     """Every file of every part of `limits`, read and rendered, and every
     problem: ``{"parts": {part: [{"files": [planned], "restart"}]},
-    "errors", "manage", "skipped", "grantable"}``. Writes nothing."""
+    "errors", "manage", "skipped"}``. Writes nothing."""
     errors, manage, skipped = [], [], []
     nofile, force = settings["nofile"], settings["force_nofile"]
     parts = {}
@@ -172,14 +172,15 @@ def plan(settings, opts):
                 (skipped if item["skipped"] else manage).append(item["path"])
                 planned.append(item)
             parts[part].append({"files": planned, "restart": group["restart"]})
-    granted = grantable(opts["proc_root"])
-    if settings["init_system"] == "sysvinit" and manage and nofile > granted["limit"]:
+    # The cap matters only where this process starts the daemons itself.
+    granted = grantable(opts["proc_root"]) if settings["init_system"] == "sysvinit" and manage else None
+    if granted and nofile > granted["limit"]:
         errors.append(
             f"pillar {PILLAR}:nofile: {nofile} cannot be granted here: {granted['reason']}: `ulimit -n {nofile}` "
             f"fails in the services it restarts and supervisord refuses minfds={nofile} above its hard limit; "
             f"lower it to {granted['limit']} or less, or run salt with CAP_SYS_RESOURCE"
         )
-    return {"parts": parts, "errors": errors, "manage": manage, "skipped": skipped, "grantable": granted["limit"]}
+    return {"parts": parts, "errors": errors, "manage": manage, "skipped": skipped}
 
 
 def restart(opts, name, pidfile, when, init_system, timeout, test):
@@ -199,12 +200,18 @@ def apply_part(settings, opts, planned_part, test):
         for item in group["files"]:
             if item["changed"] and not test:
                 write_file(opts, item)
+                item["written"] = True
             changed = changed or item["changed"]
             files.append(item)
         if changed and group["restart"]:
             restarts.append(restart(opts, group["restart"]["name"], group["restart"]["pidfile"],
                                     settings["restart"], settings["init_system"], settings["timeout"], test))
     return files, restarts
+
+
+def written(planned_part):
+    """The files of a part that ``apply_part`` has written so far."""
+    return [item for group in planned_part for item in group["files"] if item.get("written")]
 
 
 # --------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from salt.exceptions import CommandExecutionError
 
 NOFILE_COMMENT = "# Open-file limit, managed by Salt (shadowsocks_tuning)"
 SHELLS = ("sh", "dash", "bash", "ash", "ksh", "mksh", "zsh", "busybox", "init-d-script")
-ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")  # \Z: `$` would let a trailing newline through
 # Printable, and nothing a shell would expand or split when it sources the file.
-ENV_VALUE = re.compile(r"^[A-Za-z0-9_./:@%+,=-]{0,256}$")
+ENV_VALUE = re.compile(r"^[A-Za-z0-9_./:@%+,=-]{0,256}\Z")
 # `ulimit -n N`, `ulimit -SHn N`, `ulimit -S -n "$MAXFD"  # why`: a line of its own.
 _ULIMIT_LINE = re.compile(
     r"^(?P<indent>[ \t]*)ulimit(?:[ \t]+-[SH]+)*[ \t]+-[SH]*n[SH]*[ \t]+(?P<value>[^\s;&|#]+)(?P<tail>[ \t]*(?:#.*)?)$"

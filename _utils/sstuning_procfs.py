@@ -7,7 +7,7 @@ capabilities). No Salt here: every function takes the root it reads from.
 import os
 import re
 
-from sstuning_catalogue import normalise_live, validate_key
+from sstuning_catalogue import CATALOGUE, normalise_live, validate_key
 
 CAP_SYS_RESOURCE = 24  # capability(7) bit: may raise a hard limit
 AVAILABLE_CC = "net.ipv4.tcp_available_congestion_control"
@@ -25,6 +25,11 @@ def sysctl_path(proc_root, key):
         path = os.path.join(proc_root, *validate_key(key).split("."))
         _PATHS[proc_root, key] = path
         return path
+
+
+# Catalogue keys on the real /proc/sys, ready before the first apply needs them.
+for _key in CATALOGUE:
+    sysctl_path("/proc/sys", _key)
 
 
 def read(proc_root, key):

@@ -90,6 +90,14 @@ _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9@._+:-]{0,254}\Z")
 _UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.\\-]+(?:@[A-Za-z0-9:_.\\-]*)?\.service\Z")
 
 
+# Built-in profile values in the kernel's text form, checked once at import:
+# every apply resolves them, and they never change.
+_BUILTIN_TEXT = {
+    (f"profile {name}", key, value): normalise(key, value)
+    for name, body in PROFILES.items() for key, value in body["sysctls"].items()
+}
+
+
 def options(get):
     """The minion options, each read once through ``get`` (``__opts__.get``)."""
     return {name: get(f"shadowsocks_tuning.{name}", default) for name, default in OPTIONS.items()}
@@ -283,7 +291,9 @@ def _resolve_sysctls(settings, pick, errors):
             if errors.call(validate_key, key) is None:
                 errors[-1] = where + errors[-1]
             continue
-        text = errors.call(normalise, key, value, where)  # validates the key too
+        text = _BUILTIN_TEXT.get((source, key, value)) if type(value) in (str, int) else None  # not bool
+        if text is None:
+            text = errors.call(normalise, key, value, where)  # validates the key too
         if text is not None:
             wanted[key], sources[key] = text, source
     settings["sysctls"], settings["sources"] = wanted, sources

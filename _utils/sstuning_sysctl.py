@@ -48,13 +48,14 @@ def write_error(root, key, text, exc):
 # --------------------------------------------------------------------------
 # Probe
 # --------------------------------------------------------------------------
-def probe_key(root, key, wanted=None, child=None):
-    """``{"status", "reason"}`` for one key; ``wanted`` checks a congestion control too."""
+def probe_key(root, key, wanted=None, child=None, present=None):
+    """``{"status", "reason"}`` for one key; ``wanted`` checks a congestion
+    control too; ``present`` says the caller already knows the file exists."""
     path = procfs.sysctl_path(root, key)
     spec = CATALOGUE.get(key, {})
     if child is None:
         child = procfs.in_child_netns(root)
-    if not os.path.exists(path):
+    if not (present or os.path.exists(path)):
         if "removed" in spec and procfs.kernel_version() >= spec["removed"]:
             major, minor = spec["removed"]
             return {"status": "absent", "reason": f"removed from the kernel in Linux {major}.{minor}; this is {os.uname().release}"}
@@ -174,7 +175,11 @@ def _plan(settings, root, test):
         "module": None,
     }
     for key, text in settings["sysctls"].items():
-        status = probe_key(root, key, None, child)
+        try:
+            live = procfs.read(root, key)
+        except OSError:
+            live = None
+        status = probe_key(root, key, None, child, present=live is not None)
         if status["status"] == "absent" and key not in CATALOGUE:
             plan["errors"].append(
                 f"{key}: unknown key: not in this package's catalogue and not on this kernel "
@@ -205,7 +210,6 @@ def _plan(settings, root, test):
                 if not proc_read_only:
                     plan["dropped"][key] = status["status"]
             continue
-        live = procfs.read(root, key)
         target, kept = keep_higher(key, text, live) if key not in force else (text, None)
         if kept:
             plan["kept"].append(kept)

@@ -73,7 +73,6 @@ def render_conf(old, values, dropped, profile_name):
     return "".join(out)
 
 
-
 def boot_order(sysctl_dirs, sysctl_conf, config=None):
     """Files `sysctl --system` reads, in order: *.conf from the sysctl.d
     directories merged by name (the first directory wins a clash), sorted by
@@ -99,11 +98,14 @@ def overrides(sysctl_dirs, sysctl_conf, config, values):
     """{key: (file, line_no, value)} for files read after `config` at boot
     that set a managed key to another value (the last one wins)."""
     order = boot_order(sysctl_dirs, sysctl_conf, config)
-    real = os.path.realpath(config)
-    paths = [os.path.realpath(p) for p in order]
-    if real not in paths:
+    paths = [os.path.normpath(p) for p in order]
+    where = os.path.normpath(config)
+    if where not in paths:
+        # Only a linked directory makes the same file look different: resolve then.
+        paths, where = [os.path.realpath(p) for p in order], os.path.realpath(config)
+    if where not in paths:
         return {}, f"{config} is not read by `sysctl --system` at boot (not in {', '.join(sysctl_dirs)})"
-    later = order[paths.index(real) + 1:]
+    later = order[paths.index(where) + 1:]
     winners = {}
     for path in later:
         text = read_text(path) or ""

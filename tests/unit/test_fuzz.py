@@ -1,28 +1,29 @@
-"""Issue 7, row 1: hostile and malformed input.
+"""Hostile and malformed input, property-based (hypothesis).
 
-Property-based tests (hypothesis) drive the engine's pure functions -
-validate_key, normalise, _settings with a pillar dict, and the rendering of the
-persisted file - with fuzzed keys, values, profile names and paths. The rule
-they check: every input is either refused with a SaltInvocationError that
-names the offending key, value, profile or path, or it is harmless (a key that
-stays inside /proc/sys, a value that cannot add a line to local.conf).
+The engine's pure functions - validate_key, normalise, resolve with a pillar
+dict, and the rendering of the persisted file - get fuzzed keys, values,
+profile names and paths. The rule they check: every input is either refused
+with a SaltInvocationError that names the offending key, value, profile or
+path, or it is harmless (a key that stays inside /proc/sys, a value that
+cannot add a line to local.conf).
 
-A few representative cases then go through a real `salt-call` inside a fresh
-network namespace, to show that a refused input writes nothing: no file, no
-saved originals, no live value changed. tests/FAULTS.md is the table of these
-rows.
+A few representative cases go through a real `salt-call` in
+tests/functional/test_fuzz_salt_call.py, to show that a refused input writes
+nothing. tests/FAULTS.md is the table of these rows.
 """
 
 import os
 import re
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from salt.exceptions import SaltInvocationError
 
-import shadowsocks_tuning as engine  # the flat module; conftest puts _modules on sys.path
-from test_faults import SLS, live_values, no_temporaries, state_of
+import sstuning_sysctl as sysctl
+import sstuning_sysctld as sysctld
+from sstuning_catalogue import CATALOGUE, normalise, validate_key
+from sstuning_settings import resolve
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -47,7 +48,7 @@ hostile = st.sampled_from(HOSTILE)
 any_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=40) | st.lists(
     st.sampled_from(list("net.core/_-=#@:+ \n\r\t\0.") + ["somaxconn", "ipv4"] + HOSTILE), max_size=12
 ).map("".join)
-catalogue_key = st.sampled_from(sorted(engine.CATALOGUE))
+catalogue_key = st.sampled_from(sorted(CATALOGUE))
 json_scalar = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | any_text
 fuzz_value = json_scalar | st.lists(json_scalar, max_size=4) | st.dictionaries(any_text, json_scalar, max_size=2)
 
@@ -81,7 +82,7 @@ def inside_proc_sys(key):
 @example(key="net.core.somaxconn\0")
 def test_any_key_is_refused_by_name_or_stays_inside_proc_sys(key):
     try:
-        accepted = engine.validate_key(key)
+        accepted = validate_key(key)
     except SaltInvocationError as exc:
         assert names_key(str(exc), key)
         return
@@ -95,13 +96,13 @@ def test_any_key_is_refused_by_name_or_stays_inside_proc_sys(key):
 @given(prefix=st.sampled_from(["net.core.", "net.ipv4.", "fs.", "net.ipv4.conf.", ""]), bad=hostile, suffix=any_text)
 def test_keys_with_traversal_separators_controls_or_unicode_are_refused(prefix, bad, suffix):
     key = prefix + "somaxconn" + bad + suffix
-    assert names_key(refused(engine.validate_key, key), key)
+    assert names_key(refused(validate_key, key), key)
 
 
 @FUZZ
 @given(key=st.text(max_size=300).filter(lambda k: len(k) > 255))
 def test_overlong_keys_are_refused(key):
-    assert "longer than 255 characters" in refused(engine.validate_key, key)
+    assert "longer than 255 characters" in refused(validate_key, key)
 
 
 # --------------------------------------------------------------------------
@@ -118,9 +119,9 @@ def test_overlong_keys_are_refused(key):
 @example(key="net.core.somaxconn", value="\u0664\u0660\u0669\u0666")  # Arabic-Indic 4096
 @example(key="net.core.somaxconn", value=["4096\n"])
 def test_catalogue_values_are_refused_by_key_or_canonical(key, value):
-    spec = engine.CATALOGUE[key]
+    spec = CATALOGUE[key]
     try:
-        text = engine.normalise(key, value)
+        text = normalise(key, value)
     except SaltInvocationError as exc:
         assert key in str(exc)
         return
@@ -133,16 +134,16 @@ def test_catalogue_values_are_refused_by_key_or_canonical(key, value):
 
 
 @FUZZ
-@given(key=catalogue_key.filter(lambda k: engine.CATALOGUE[k]["type"] != "word"),
+@given(key=catalogue_key.filter(lambda k: CATALOGUE[k]["type"] != "word"),
        number=st.integers(min_value=-(2**70), max_value=2**70))
 def test_huge_and_negative_numbers_are_refused_outside_the_kernel_range(key, number):
-    spec = engine.CATALOGUE[key]
+    spec = CATALOGUE[key]
     count = {"int": 1, "range": 2, "triple": 3}[spec["type"]]
     value = " ".join([str(number)] * count)
     if 0 <= number and spec["min"] <= number <= spec["max"]:
-        assert engine.normalise(key, value) == value
+        assert normalise(key, value) == value
     else:
-        assert key in refused(engine.normalise, key, value)
+        assert key in refused(normalise, key, value)
 
 
 @FUZZ
@@ -152,7 +153,7 @@ def test_huge_and_negative_numbers_are_refused_outside_the_kernel_range(key, num
 @example(key="kernel.pid_max", value="1 # comment")
 def test_foreign_values_cannot_add_a_line_or_a_comment(key, value):
     try:
-        text = engine.normalise(key, value)
+        text = normalise(key, value)
     except SaltInvocationError as exc:
         assert key in str(exc)
         return
@@ -164,16 +165,23 @@ def test_foreign_values_cannot_add_a_line_or_a_comment(key, value):
 @given(key=catalogue_key, value=fuzz_value)
 def test_an_accepted_value_renders_as_exactly_one_line(key, value):
     try:
-        text = engine.normalise(key, value)
+        text = normalise(key, value)
     except SaltInvocationError:
         return
-    rendered = engine._render_conf("# ops\nvm.swappiness = 10\n", {key: text}, {}, "low-latency")
-    assert engine._parse_conf(rendered) == [(1, "vm.swappiness", "10"), (4, key, text)]
+    rendered = sysctld.render_conf("# ops\nvm.swappiness = 10\n", {key: text}, {}, "low-latency")
+    assert sysctld.parse_conf(rendered) == [(1, "vm.swappiness", "10"), (4, key, text)]
 
 
 # --------------------------------------------------------------------------
 # Whole pillars: profiles, include, config paths, policies
 # --------------------------------------------------------------------------
+def assert_every_problem_names_its_pillar_path(message):
+    *problems, last = message.split("\n")
+    assert last.startswith("Nothing was changed")
+    for problem in problems:
+        assert "shadowsocks:tuning" in problem.split(": ")[0] or problem.startswith("profile "), problem
+
+
 profile_name = st.sampled_from(["high-latency", "low-latency", "bbr", "custom", "x\nkernel.core_pattern = |/tmp/evil"]) | any_text
 pillar_strategy = st.fixed_dictionaries(
     {},
@@ -211,9 +219,12 @@ pillar_strategy = st.fixed_dictionaries(
 @example(pillar={"config": "/etc/sysctl.d/local.conf\nx"})
 def test_a_fuzzed_pillar_is_refused_or_renders_only_its_own_keys(pillar):
     try:
-        resolved = engine._settings(pillar=pillar)
-    except SaltInvocationError:
+        resolved = resolve(pillar)
+    except SaltInvocationError as exc:
+        event("refused")
+        assert_every_problem_names_its_pillar_path(str(exc))
         return
+    event("accepted")
     config = resolved["config"]
     assert os.path.isabs(config) and config.endswith(".conf")
     assert not set(config) & {"\0", "\n", "\r"} and ".." not in config.split("/")
@@ -221,9 +232,9 @@ def test_a_fuzzed_pillar_is_refused_or_renders_only_its_own_keys(pillar):
         assert SAFE_KEY.match(key) and inside_proc_sys(key)
     # Whatever the pillar says, the file it leads to holds only its own keys
     # (a profile name or a value must not smuggle in a line of its own).
-    rendered = engine._render_conf(None, resolved["sysctls"], {}, resolved["profile"])
-    assert {key: value for _, key, value in engine._parse_conf(rendered)} == resolved["sysctls"]
-    assert len(engine._parse_conf(rendered)) == len(resolved["sysctls"])
+    rendered = sysctld.render_conf(None, resolved["sysctls"], {}, resolved["profile"])
+    assert {key: value for _, key, value in sysctld.parse_conf(rendered)} == resolved["sysctls"]
+    assert len(sysctld.parse_conf(rendered)) == len(resolved["sysctls"])
 
 
 @pytest.mark.parametrize(
@@ -253,7 +264,7 @@ def test_a_fuzzed_pillar_is_refused_or_renders_only_its_own_keys(pillar):
     ],
 )
 def test_each_hostile_pillar_is_refused_naming_what_is_wrong(pillar, named):
-    assert named in refused(engine._settings, pillar=pillar)
+    assert named in refused(resolve, pillar)
 
 
 @FUZZ
@@ -264,49 +275,62 @@ def test_each_hostile_pillar_is_refused_naming_what_is_wrong(pillar, named):
 def test_modprobe_refuses_any_name_that_is_not_a_plain_module_name(name):
     if re.fullmatch(r"[a-z0-9_]{1,64}", name):
         return  # a plain name would really run modprobe; the argv is fixed and ends in '--', name
-    ok, message = engine._modprobe(name, dry_run=True)
+    ok, message = sysctl.modprobe(name, dry_run=True)
     assert not ok and message == f"refusing to load module {name!r}"
 
 
 # --------------------------------------------------------------------------
-# Through a real salt-call in a fresh network namespace: nothing written
+# Whole pillars: the open-file half (nofile, limits)
 # --------------------------------------------------------------------------
-SALT_CALL_CASES = [
-    ({"sysctls": {"net/../../etc/shadow": 1}}, "'net/../../etc/shadow': malformed"),
-    ({"sysctls": {"net.core.somaxconn": "4096\nkernel.core_pattern = |/bin/sh"}}, "net.core.somaxconn: '4096\\nkernel.core_pattern = |/bin/sh'"),
-    ({"sysctls": {"net.ipv4.tcp_fin_timeout": 30, "kernel.pid_max": "1=2"}}, "kernel.pid_max: '1=2' is not a plain printable value"),
-    ({"sysctls": {"net.ipv4.tcp_fin_timeout": -5}}, "net.ipv4.tcp_fin_timeout: -5 is not an integer"),
-    ({"profile": "x\nkernel.core_pattern = |/tmp/evil",
-      "profiles": {"x\nkernel.core_pattern = |/tmp/evil": {"include": "low-latency"}}}, "'x\\nkernel.core_pattern = |/tmp/evil'"),
-]
+path_text = st.sampled_from(["/etc/default/supervisor", "/etc/init.d/ss", "relative", "/etc/../shadow", "/x\ny", ""]) | any_text
+name_text = st.sampled_from(["supervisor", "ss@x.service", "../x", "a/b", "x.socket"]) | any_text
+limits_strategy = st.fixed_dictionaries({}, optional={
+    "init_system": st.sampled_from(["auto", "systemd", "sysvinit"]) | json_scalar,
+    "restart": st.sampled_from(["running", "always", "never"]) | json_scalar,
+    "timeout": st.integers(-5, 700) | json_scalar,
+    "supervisor": st.none() | json_scalar | st.fixed_dictionaries({}, optional={
+        "service": name_text, "pidfile": path_text, "defaults_file": path_text, "config": path_text,
+        "unit": name_text, "colour": json_scalar}),
+    "shadowsocks_libev": st.none() | st.fixed_dictionaries({}, optional={
+        "service": name_text, "defaults_file": path_text, "units": st.lists(name_text, max_size=2) | json_scalar}),
+    "init_scripts": st.lists(path_text | st.fixed_dictionaries({"path": path_text}, optional={
+        "service": name_text, "pidfile": path_text, "colour": json_scalar}), max_size=2) | json_scalar,
+    "units": st.lists(name_text, max_size=2) | json_scalar,
+    "verify": st.none() | st.fixed_dictionaries({}, optional={
+        "pidfiles": st.lists(path_text, max_size=2) | json_scalar, "wait": st.integers(-1, 700) | json_scalar}),
+})
+SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9@._+:-]*\Z")
+UNIT = re.compile(r"[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.service\Z")
 
 
-def test_hostile_input_through_salt_call_writes_nothing(masterless):
-    before = live_values(masterless.netns)
-    for tuning, message in SALT_CALL_CASES:
-        masterless.pillar({"config": str(masterless.config), **tuning})
-        ret = state_of(masterless.run("state.apply", SLS))
-        assert ret["result"] is False and ret["changes"] == {}, ret
-        assert message in ret["comment"], (message, ret["comment"])
-    dry = state_of(masterless.run("state.apply", SLS, "test=True"))  # test mode refuses it alike
-    assert dry["result"] is False and message in dry["comment"]
-    # From the command line: keys that try to leave /proc/sys, a config path
-    # that points at a file that is not a sysctl.d file.
-    secret = masterless.root / "shadow"
-    secret.write_text("root:$6$hash:19000:0:99999:7:::\n")
-    secret.chmod(0o600)
-    masterless.pillar({"config": str(masterless.config)})
-    for args, message in [
-        (("shadowsocks_tuning.get", "../../../etc/shadow"), "sysctl key '../../../etc/shadow': malformed"),
-        (("shadowsocks_tuning.set", "net/../../etc/shadow", "1"), "sysctl key 'net/../../etc/shadow': malformed"),
-        (("shadowsocks_tuning.apply", f"config={secret}"), f"{str(secret)!r} must be an absolute file path"),
-        (("state.single", "shadowsocks_tuning.tuned", "name=x", f"config={secret}"), f"{str(secret)!r} must be an absolute file path"),
-    ]:
-        result = masterless.run(*args)
-        assert result.returncode != 0, result
-        assert message in result.stdout + result.stderr, (message, result.stdout, result.stderr)
-    assert secret.read_text() == "root:$6$hash:19000:0:99999:7:::\n" and secret.stat().st_mode & 0o777 == 0o600
-    assert not masterless.config.exists()
-    assert not (masterless.root / "state" / "originals.json").exists()
-    assert no_temporaries(masterless.root)
-    assert live_values(masterless.netns) == before
+def plain_absolute(path):
+    return (isinstance(path, str) and os.path.isabs(path) and ".." not in path.split("/")
+            and not set(path) & {"\0", "\n", "\r"})
+
+
+@FUZZ
+@given(nofile=st.integers(-2, 2**21) | json_scalar, limits=limits_strategy, systemd=st.booleans())
+@example(nofile=51200, limits={"init_scripts": [{"path": "/etc/init.d/ss\nreboot"}]}, systemd=False)
+@example(nofile=51200, limits={"units": ["../../etc/passwd"]}, systemd=True)
+@example(nofile="51200; reboot", limits={}, systemd=False)
+def test_a_fuzzed_limits_pillar_is_refused_by_path_or_gives_plain_targets(nofile, limits, systemd):
+    try:
+        resolved = resolve({"nofile": nofile, "limits": limits}, nr_open=1048576, systemd=systemd)
+    except SaltInvocationError as exc:
+        event("refused")
+        assert_every_problem_names_its_pillar_path(str(exc))
+        return
+    event("accepted")
+    assert isinstance(resolved["nofile"], int) and 1 <= resolved["nofile"] <= 1048576
+    for groups in resolved["limits"].values():
+        for group in groups:
+            for target in group["files"]:
+                if target["kind"] == "dropin":
+                    assert systemd or resolved["init_system"] == "systemd"
+                    assert UNIT.match(target["unit"]), target
+                else:
+                    assert plain_absolute(target["path"]), target
+            if group["restart"]:
+                assert SERVICE.match(group["restart"]["name"]), group
+                assert group["restart"]["pidfile"] is None or plain_absolute(group["restart"]["pidfile"])
+    assert all(plain_absolute(p) for p in resolved["verify"]["pidfiles"])

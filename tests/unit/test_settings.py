@@ -1,80 +1,36 @@
-"""Parsing, normalising, validation and file rendering: the engine's pure parts."""
+"""Settings: profiles and their includes, and `resolve`, the one function that
+turns pillar shadowsocks:tuning and explicit arguments into validated settings
+for both halves, naming every bad pillar path at once."""
+
+import pathlib
 
 import pytest
+import yaml
 from salt.exceptions import SaltInvocationError
 
-import shadowsocks_tuning as engine
+import sstuning_settings as settings_mod
+from sstuning_catalogue import CATALOGUE, PROFILES, RECIPE, normalise
+from sstuning_settings import DEFAULTS, resolve
+from support.common import REPO
+
+NR_OPEN = int(pathlib.Path("/proc/sys/fs/nr_open").read_text())
 
 
-@pytest.mark.parametrize(
-    "key",
-    ["net.core.somaxconn", "net.ipv4.conf.eth0.rp_filter", "net.ipv6.conf.br-lan.forwarding", "fs.file-max",
-     "net.ipv4.neigh.veth@if3.gc_stale_time"],
-)
-def test_valid_keys_pass(key):
-    assert engine.validate_key(key) == key
-
-
-@pytest.mark.parametrize(
-    "key",
-    ["net/../../etc/shadow", "..", "net..core", "/etc/passwd", "net.core/somaxconn", "net.core.some maxconn",
-     "net.core.x\nfs.file-max", "net.core.\0x", "", "somaxconn", "etc.shadow", "net.ipv4.tcp_rmem=1", None, 7],
-)
-def test_malformed_keys_are_refused_before_any_file_access(key):
+def refused(tuning, **kwargs):
     with pytest.raises(SaltInvocationError) as err:
-        engine.validate_key(key)
-    assert str(err.value).startswith("sysctl key")
+        resolve(tuning, **kwargs)
+    return str(err.value)
 
 
-@pytest.mark.parametrize(
-    "key, value, expected",
-    [
-        ("net.ipv4.tcp_rmem", "4096\t87380\t67108864", "4096 87380 67108864"),
-        ("net.ipv4.tcp_rmem", [4096, 87380, 67108864], "4096 87380 67108864"),
-        ("net.ipv4.tcp_rmem", " 4096  87380 67108864 ", "4096 87380 67108864"),
-        ("net.ipv4.ip_local_port_range", "10000 65000", "10000 65000"),
-        ("net.ipv4.ip_local_port_range", [10000, 65000], "10000 65000"),
-        ("net.core.somaxconn", 4096, "4096"),
-        ("net.core.somaxconn", "4096", "4096"),
-        ("net.core.somaxconn", "+4096", "4096"),
-        ("net.ipv4.tcp_congestion_control", "bbr", "bbr"),
-        ("net.ipv4.tcp_tw_recycle", 0, "0"),
-        ("vm.swappiness", 10, "10"),  # outside the catalogue: plain printable text
-    ],
-)
-def test_values_are_normalised_to_the_kernel_form(key, value, expected):
-    assert engine.normalise(key, value) == expected
+def files_of(parts, part):
+    return [f for group in parts[part] for f in group["files"]]
 
 
-@pytest.mark.parametrize(
-    "key, value, rule",
-    [
-        ("net.ipv4.tcp_rmem", "4096 87380", "three integers"),
-        ("net.ipv4.tcp_rmem", "67108864 87380 4096", "min <= default <= max"),
-        ("net.ipv4.ip_local_port_range", "65000 10000", "low <= high"),
-        ("net.ipv4.ip_local_port_range", "0 70000", "out of range"),
-        ("net.core.somaxconn", -1, "not an integer"),
-        ("net.core.somaxconn", 2**40, "out of range"),
-        ("net.core.somaxconn", "4096\nfs.file-max = 1", "newline"),
-        ("net.core.somaxconn", "4096\n", "newline"),
-        ("net.core.somaxconn", True, "boolean"),
-        ("net.core.somaxconn", "lots", "not an integer"),
-        ("net.ipv4.tcp_syncookies", 3, "out of range"),
-        ("net.ipv4.tcp_congestion_control", "bbr\nfs.file-max=1", "newline"),
-        ("net.ipv4.tcp_congestion_control", 5, "not a name"),
-        ("net.ipv4.tcp_tw_recycle", 1, "behind NAT"),
-        ("vm.swappiness", "10\nkernel.panic = 1", "plain printable"),
-        ("vm.swappiness", "a=b", "plain printable"),
-    ],
-)
-def test_bad_values_name_the_key_and_the_rule(key, value, rule):
-    with pytest.raises(SaltInvocationError) as err:
-        engine.normalise(key, value)
-    assert key in str(err.value) and rule in str(err.value)
-
-
+# --------------------------------------------------------------------------
+# Profiles
+# --------------------------------------------------------------------------
 def test_profiles_resolve_through_include():
-    chain, merged = engine._resolve_profile("bbr", engine.PROFILES)
+    chain, merged = settings_mod.resolve_profile("bbr", PROFILES)
     assert chain == ["bbr", "low-latency", "high-latency"]
     assert merged["net.ipv4.tcp_congestion_control"] == ("bbr", "profile bbr")
     assert merged["net.core.default_qdisc"] == ("fq", "profile bbr")
@@ -82,17 +38,17 @@ def test_profiles_resolve_through_include():
 
 
 def test_high_latency_is_the_recipe_as_written():
-    _, merged = engine._resolve_profile("high-latency", engine.PROFILES)
-    assert {k: v for k, (v, _) in merged.items()} == engine.RECIPE
-    assert engine.RECIPE["net.ipv4.tcp_congestion_control"] == "hybla"
+    _, merged = settings_mod.resolve_profile("high-latency", PROFILES)
+    assert {k: v for k, (v, _) in merged.items()} == RECIPE
+    assert RECIPE["net.ipv4.tcp_congestion_control"] == "hybla"
 
 
 def test_every_profile_value_is_valid_for_its_key():
-    for name in engine.PROFILES:
-        _, merged = engine._resolve_profile(name, engine.PROFILES)
+    for name in PROFILES:
+        _, merged = settings_mod.resolve_profile(name, PROFILES)
         for key, (value, _) in merged.items():
-            assert key in engine.CATALOGUE, (name, key)
-            engine.normalise(key, value)
+            assert key in CATALOGUE, (name, key)
+            normalise(key, value)
 
 
 def test_settings_merge_pillar_profile_include_and_overrides():
@@ -101,7 +57,7 @@ def test_settings_merge_pillar_profile_include_and_overrides():
         "profiles": {"edge": {"include": "bbr", "sysctls": {"net.core.somaxconn": 16384}}},
         "sysctls": {"net.ipv4.tcp_fin_timeout": 15, "net.ipv4.tcp_mtu_probing": None},
     }
-    settings = engine._settings(pillar=pillar)
+    settings = resolve(pillar)
     assert settings["chain"] == ["edge", "bbr", "low-latency", "high-latency"]
     assert settings["sysctls"]["net.core.somaxconn"] == "16384"
     assert settings["sources"]["net.core.somaxconn"] == "profile edge"
@@ -109,6 +65,7 @@ def test_settings_merge_pillar_profile_include_and_overrides():
     assert settings["sources"]["net.ipv4.tcp_fin_timeout"] == "pillar shadowsocks:tuning:sysctls"
     assert "net.ipv4.tcp_mtu_probing" not in settings["sysctls"]
     assert settings["config"] == "/etc/sysctl.d/local.conf"
+    assert settings["profiles"]["edge"] == "custom profile (include: bbr)"
 
 
 @pytest.mark.parametrize(
@@ -119,101 +76,281 @@ def test_settings_merge_pillar_profile_include_and_overrides():
         ({"profile": "a", "profiles": {"a": {"include": "gone"}}}, "shadowsocks:tuning:profiles:a:include: unknown profile 'gone'"),
         ({"sysctls": {"net.ipv4.tcp_tw_recycle": 1}}, "pillar shadowsocks:tuning:sysctls: net.ipv4.tcp_tw_recycle: refusing 1"),
         ({"sysctls": {"net/../../etc/shadow": 1}}, "pillar shadowsocks:tuning:sysctls: sysctl key 'net/../../etc/shadow': malformed"),
+        ({"sysctls": {"net/../../etc/shadow": None}}, "pillar shadowsocks:tuning:sysctls: sysctl key 'net/../../etc/shadow': malformed"),
         ({"sysctls": {"net.core.somaxconn": "many"}}, "pillar shadowsocks:tuning:sysctls: net.core.somaxconn: 'many' is not an integer"),
         ({"profiles": {"x": {"sysctls": {"net.ipv4.tcp_rmem": "9 8 7"}}}, "profile": "x"}, "profile x (pillar shadowsocks:tuning:profiles): net.ipv4.tcp_rmem"),
+        ({"profiles": {"x": {"colour": "red"}}}, "pillar shadowsocks:tuning:profiles:x: unknown field(s) colour"),
         ({"config": "relative.conf"}, "shadowsocks:tuning:config: 'relative.conf' must be an absolute file path"),
         ({"config": "/etc/sysctl.d/../passwd"}, "shadowsocks:tuning:config"),
         ({"policy": {"unavailable": "ignore"}}, "shadowsocks:tuning:policy:unavailable: 'ignore' must be one of warn, strict"),
         ({"policy": {"keys": {"net.core.rmem_max": "loud"}}}, "policy:keys:net.core.rmem_max"),
         ({"congestion_fallback": "bbr\n"}, "bbr"),
         ({"force": [1]}, "shadowsocks:tuning:force"),
-        ({"sysctl": {"net.core.somaxconn": 1}}, "pillar shadowsocks:tuning: unknown key(s) sysctl (known: config,"),
+        ({"sysctl": {"net.core.somaxconn": 1}}, "pillar shadowsocks:tuning: unknown key(s) sysctl (allowed: profile,"),
     ],
 )
 def test_bad_pillar_names_the_path_and_the_rule(pillar, message):
-    with pytest.raises(SaltInvocationError) as err:
-        engine._settings(pillar=pillar)
-    assert message in str(err.value)
+    text = refused(pillar)
+    assert message in text
+    assert text.endswith("Nothing was changed: fix the pillar (or arguments) above")
 
 
-def test_capacity_keys_are_only_raised_unless_forced():
-    assert engine._effective("fs.file-max", "51200", "2466177", False) == (
-        "2466177", "fs.file-max: kept 2466177 (higher than 51200)")
-    assert engine._effective("fs.file-max", "51200", "2466177", True) == ("51200", None)
-    assert engine._effective("fs.file-max", "51200", "8192", False) == ("51200", None)
-    # Only the max field of a buffer triple is a capacity.
-    assert engine._effective("net.ipv4.tcp_rmem", "4096 87380 4194304", "4096 131072 33554432", False) == (
-        "4096 87380 33554432", "net.ipv4.tcp_rmem: kept max 33554432 (higher than 4194304)")
-    # Not a capacity key: lowered as asked.
-    assert engine._effective("net.ipv4.tcp_fin_timeout", "30", "60", False) == ("30", None)
+# --------------------------------------------------------------------------
+# resolve: the whole pillar, checked once
+# --------------------------------------------------------------------------
+def test_an_unknown_profile_names_its_pillar_path_and_the_known_ones():
+    text = refused({"profile": "bbrr"})
+    assert "pillar shadowsocks:tuning:profile: unknown profile 'bbrr'" in text
+    for name in PROFILES:
+        assert name in text.split("(known: ", 1)[1]
 
 
-FOREIGN = (
-    "# my own settings\r\n"
-    "vm.swappiness = 10\r\n"
-    "net.core.somaxconn=128\r\n"
-    "; a semicolon comment\r\n"
-    "net/ipv4/tcp_fastopen = 1\r\n"
-    "net.core.somaxconn = 256\r\n"
-    "net.ipv4.tcp_tw_recycle = 0\r\n"
-    "kernel.panic = 5"
+def test_a_pillar_profile_is_listed_among_the_known_ones():
+    text = refused({"profile": "edg", "profiles": {"edge": {"include": "bbr"}}})
+    assert "(known: bbr, edge, high-latency, low-latency, low-memory)" in text
+
+
+@pytest.mark.parametrize("tuning", ["bbr", ["profile", "bbr"], 7])
+def test_tuning_that_is_not_a_mapping_is_refused(tuning):
+    assert "pillar shadowsocks:tuning must be a mapping" in refused(tuning)
+
+
+def test_pillar_tuning_takes_shadowsocks_tuning_out_of_the_whole_pillar():
+    assert settings_mod.pillar_tuning({}) == {}
+    assert settings_mod.pillar_tuning({"shadowsocks": None}) == {}
+    assert settings_mod.pillar_tuning({"shadowsocks": {"tuning": None}}) == {}
+    assert settings_mod.pillar_tuning({"shadowsocks": {"tuning": {"nofile": 4096}}}) == {"nofile": 4096}
+    # Not a mapping: handed on as it is, for resolve to name.
+    assert "pillar shadowsocks:tuning must be a mapping" in refused(
+        settings_mod.pillar_tuning({"shadowsocks": {"tuning": "bbr"}}))
+
+
+@pytest.mark.parametrize(
+    "limits, limits_fragments",
+    [
+        ("everything", ["pillar shadowsocks:tuning:limits must be a mapping (init_system, restart, timeout,"]),
+        ({"supervisor": ["defaults_file"], "init_scripts": [{"path": "/etc/init.d/ss", "colour": "red"}]},
+         ["pillar shadowsocks:tuning:limits:supervisor must be a mapping",
+          "pillar shadowsocks:tuning:limits:init_scripts[0]: unknown key(s) colour (allowed: path, service, pidfile)"]),
+    ],
 )
+def test_every_problem_is_reported_at_once_with_its_pillar_path(limits, limits_fragments):
+    text = refused({
+        "sysctl": {"net.core.somaxconn": 1},                       # typo of `sysctls`
+        "sysctls": {"net.core.somaxconn": "many"},
+        "nofile": -1,
+        "limits": limits,
+    })
+    for fragment in [
+        "pillar shadowsocks:tuning: unknown key(s) sysctl",
+        "pillar shadowsocks:tuning:sysctls: net.core.somaxconn: 'many' is not an integer",
+        "pillar shadowsocks:tuning:nofile: -1 is not a positive integer",
+        *limits_fragments,
+    ]:
+        assert fragment in text, (fragment, text)
+    assert len(text.splitlines()) == 3 + len(limits_fragments) + 1  # one line each, then "Nothing was changed"
 
 
-def test_render_keeps_foreign_lines_byte_for_byte():
-    values = {"net.core.somaxconn": "4096", "net.ipv4.tcp_fastopen": "3", "net.ipv4.tcp_fin_timeout": "30"}
-    out = engine._render_conf(FOREIGN, values, {"net.ipv4.tcp_tw_recycle": "absent on this kernel"}, "low-latency")
-    lines = out.split("\r\n")
-    assert lines[0] == "# my own settings"
-    assert lines[1] == "vm.swappiness = 10"
-    assert lines[2] == "net.core.somaxconn = 4096"  # first occurrence set in place
-    assert lines[3] == "; a semicolon comment"
-    assert lines[4] == "net.ipv4.tcp_fastopen = 3"  # slash form recognised
-    assert "net.core.somaxconn = 256" not in out  # later duplicate would win at boot: removed
-    assert lines[5].startswith("# net.ipv4.tcp_tw_recycle = 0  # disabled by shadowsocks_tuning")
-    assert lines[6] == "kernel.panic = 5"  # the unterminated last line, now ended
-    assert lines[7] == engine.MANAGED_HEADER
-    assert "net.ipv4.tcp_fin_timeout = 30" in lines
-    # A second render of its own output changes nothing.
-    assert engine._render_conf(out, values, {"net.ipv4.tcp_tw_recycle": "absent on this kernel"}, "low-latency") == out
+def test_limits_pillar_errors_are_all_collected():
+    text = refused({
+        "nofile": "lots",
+        "limits": {
+            "restart": "sometimes",
+            "supervisor": {"defaults_file": "etc/default/supervisor", "colour": "red"},
+            "units": ["bad/unit"],
+        },
+    })
+    for fragment in ("pillar shadowsocks:tuning:nofile: 'lots'",
+                     "pillar shadowsocks:tuning:limits:restart: 'sometimes'",
+                     "pillar shadowsocks:tuning:limits:supervisor: unknown key(s) colour",
+                     "pillar shadowsocks:tuning:limits:supervisor:defaults_file: 'etc/default/supervisor'",
+                     "pillar shadowsocks:tuning:limits:units[0]: 'bad/unit'"):
+        assert fragment in text, (fragment, text)
 
 
-def test_parse_conf_reads_what_sysctl_reads():
-    parsed = engine._parse_conf(FOREIGN)
-    assert [(k, v) for _, k, v in parsed] == [
-        ("vm.swappiness", "10"), ("net.core.somaxconn", "128"), ("net.ipv4.tcp_fastopen", "1"),
-        ("net.core.somaxconn", "256"), ("net.ipv4.tcp_tw_recycle", "0"), ("kernel.panic", "5"),
+def test_defaults_come_from_defaults():
+    settings = resolve({})
+    assert settings["nofile"] == DEFAULTS["nofile"]
+    assert settings["verify"] == {"pidfiles": [], "wait": DEFAULTS["limits"]["verify"]["wait"]}
+    assert settings["profile"] == DEFAULTS["profile"]
+    assert settings["config"] == DEFAULTS["config"]
+    assert settings["restart"] == DEFAULTS["limits"]["restart"]
+    assert settings["timeout"] == DEFAULTS["limits"]["timeout"]
+    supervisor, libev = DEFAULTS["limits"]["supervisor"], DEFAULTS["limits"]["shadowsocks_libev"]
+    sup_files = files_of(settings["limits"], "supervisor")
+    assert [(f["kind"], f["path"]) for f in sup_files] == [
+        ("ulimit", supervisor["defaults_file"]), ("minfds", supervisor["config"])]
+    assert settings["limits"]["supervisor"][0]["restart"] == {"name": supervisor["service"],
+                                                              "pidfile": supervisor["pidfile"]}
+    (ssl,) = settings["limits"]["shadowsocks_libev"]
+    assert [(f["kind"], f["path"], f["key"]) for f in ssl["files"]] == [
+        ("assignment", libev["defaults_file"], "MAXFD")]
+    assert ssl["restart"] == {"name": libev["service"], "pidfile": libev["pidfile"]}
+    assert settings["limits"]["init_scripts"] == [] and settings["limits"]["units"] == []
+    # Each file names the pillar path that put it there, for messages.
+    assert sup_files[0]["where"] == "pillar shadowsocks:tuning:limits:supervisor:defaults_file"
+
+
+def test_resolve_gives_plain_data_for_every_part():
+    # Plain data: it survives a round trip through YAML (what salt-call prints).
+    settings = resolve({})
+    assert yaml.safe_load(yaml.safe_dump(settings)) == settings
+    assert set(settings["limits"]) == set(settings_mod.LIMITS_PARTS)
+
+
+def test_null_turns_a_part_off_or_drops_one_file():
+    off = resolve({"limits": {"supervisor": None}})
+    assert off["limits"]["supervisor"] == []
+    assert off["limits"]["shadowsocks_libev"]  # the other parts stay
+    one = resolve({"limits": {"supervisor": {"defaults_file": None}}})
+    assert [f["path"] for f in files_of(one["limits"], "supervisor")] == [
+        DEFAULTS["limits"]["supervisor"]["config"]]
+    assert one["limits"]["supervisor"][0]["restart"]["name"] == DEFAULTS["limits"]["supervisor"]["service"]
+
+
+def test_init_system_decides_systemd_once():
+    pillar = {"limits": {"units": ["shadowsocks-rust"]}}
+    on = resolve(pillar, systemd=True)
+    assert on["init_system"] == "systemd"
+    dropins = [f["unit"] for part in on["limits"] for f in files_of(on["limits"], part) if f["kind"] == "dropin"]
+    assert dropins == [
+        DEFAULTS["limits"]["supervisor"]["unit"], *DEFAULTS["limits"]["shadowsocks_libev"]["units"],
+        "shadowsocks-rust.service",
     ]
-    assert engine._parse_conf("-net.core.somaxconn = 5\n")[0][1:] == ("net.core.somaxconn", "5")
+    # Under systemd a unit is restarted, not the init script's service.
+    assert on["limits"]["supervisor"][0]["restart"]["name"] == DEFAULTS["limits"]["supervisor"]["unit"]
+    assert on["limits"]["units"][0]["restart"]["name"] == "shadowsocks-rust.service"
+
+    off = resolve(pillar, systemd=False)
+    assert off["init_system"] == "sysvinit"
+    assert not [f for part in off["limits"] for f in files_of(off["limits"], part) if f["kind"] == "dropin"]
+    assert off["limits"]["units"] == []
+
+    # Pillar can choose; it wins over what the box says.
+    assert resolve({"limits": {"init_system": "sysvinit"}}, systemd=True)["init_system"] == "sysvinit"
+    assert resolve({"limits": {"init_system": "systemd"}}, systemd=False)["init_system"] == "systemd"
+    assert "pillar shadowsocks:tuning:limits:init_system: 'upstart' must be one of auto, systemd, sysvinit" in refused(
+        {"limits": {"init_system": "upstart"}})
+
+
+def test_arguments_win_over_pillar_and_are_named_in_errors():
+    pillar = {"nofile": 1000, "profile": "bbr"}
+    assert resolve(pillar, {"nofile": 2000})["nofile"] == 2000
+    assert resolve(pillar, {"nofile": None})["nofile"] == 1000  # None: not given
+    assert resolve(pillar, {"profile": "low-memory"})["chain"] == ["low-memory", "low-latency", "high-latency"]
+    text = refused(pillar, arguments={"nofile": "lots", "profile": "bbrr"})
+    assert "argument nofile: 'lots' is not a positive integer" in text
+    assert "argument profile: unknown profile 'bbrr'" in text
+    assert "pillar shadowsocks:tuning:nofile" not in text
+
+
+def test_nofile_is_checked_against_nr_open():
+    assert resolve({"nofile": NR_OPEN}, nr_open=NR_OPEN)["nofile"] == NR_OPEN
+    assert f"pillar shadowsocks:tuning:nofile: {NR_OPEN + 1} is above fs.nr_open ({NR_OPEN})" in refused(
+        {"nofile": NR_OPEN + 1}, nr_open=NR_OPEN)
+
+
+def test_force_a_list_of_keys_nofile_or_everything():
+    listed = resolve({"force": ["nofile", "fs.file-max"]})
+    assert listed["force_nofile"] is True and listed["force"] == ["fs.file-max"]
+    only_sysctls = resolve({"force": ["net.core.somaxconn"]})
+    assert only_sysctls["force_nofile"] is False and only_sysctls["force"] == ["net.core.somaxconn"]
+    everything = resolve({"force": True})
+    assert everything["force_nofile"] is True and everything["force"] == list(everything["sysctls"])
+    assert resolve({})["force"] == [] and resolve({})["force_nofile"] is False
+    assert "pillar shadowsocks:tuning:force must be a list" in refused({"force": {"nofile": True}})
 
 
 def test_pillar_example_is_valid_and_resolves():
-    import yaml
-    from support.common import REPO
-
     tuning = yaml.safe_load((REPO / "pillar.example").read_text())["shadowsocks"]["tuning"]
-    settings = engine._settings(pillar=tuning)
+    # Any init script it names need not exist here: only planning looks at files.
+    settings = resolve(tuning, nr_open=NR_OPEN)
     assert settings["profile"] == "bbr"
     assert settings["sysctls"]["net.ipv4.tcp_rmem"] == "4096 87380 33554432"
     assert "net.ipv4.tcp_mtu_probing" not in settings["sysctls"]
-    assert engine._resolve_profile("edge", engine._all_profiles(tuning["profiles"]))[0] == [
+    assert settings["nofile"] == tuning["nofile"]
+    assert [f["path"] for f in files_of(settings["limits"], "init_scripts")] == tuning["limits"]["init_scripts"]
+    assert settings_mod.resolve_profile("edge", settings_mod.all_profiles(tuning["profiles"]))[0] == [
         "edge", "bbr", "low-latency", "high-latency"]
 
 
-def test_every_public_function_documents_a_cli_example():
-    import importlib.util
-    import inspect
+def test_resolution_does_not_look_at_files(tmp_path):
+    """A missing init script is found when planning (which names its pillar
+    path), not when resolving: `settings` still shows what the pillar says."""
+    missing = str(tmp_path / "init.d" / "shadowsocks")
+    settings = resolve({"limits": {"init_scripts": [missing]}})
+    (group,) = settings["limits"]["init_scripts"]
+    assert group["files"][0]["path"] == missing and group["files"][0]["required"] is True
+    assert group["restart"] == {"name": "shadowsocks", "pidfile": None}
 
-    from support.common import REPO
 
-    spec = importlib.util.spec_from_file_location("sst_state", REPO / "_states" / "shadowsocks_tuning.py")
-    state = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(state)
-    missing = []
-    for module in (engine, state):
-        for name, func in inspect.getmembers(module, inspect.isfunction):
-            if name.startswith("_") or func.__module__ != module.__name__:
-                continue
-            if "CLI Example:" not in (func.__doc__ or ""):
-                missing.append(f"{module.__name__}.{name}")
-    assert not missing, f"public functions without a CLI Example (salt-call sys.doc shows it): {missing}"
+def test_options_default_to_the_real_system():
+    assert settings_mod.options({}.get) == settings_mod.OPTIONS
+    # sd_booted(3): systemd is PID 1 exactly when this directory exists.
+    assert settings_mod.OPTIONS["systemd_marker"] == "/run/systemd/system"
+    assert settings_mod.OPTIONS["proc_root"] == "/proc/sys"
+    given = settings_mod.options({"shadowsocks_tuning.state_dir": "/srv/state", "state_dir": "/wrong"}.get)
+    assert given["state_dir"] == "/srv/state" and given["init_dir"] == "/etc/init.d"
+
+
+# --------------------------------------------------------------------------
+# Validators
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("value, expected", [(51200, 51200), ("16384", 16384), (" 1024 ", 1024), (1, 1)])
+def test_nofile_values(value, expected):
+    assert settings_mod.validate_nofile(value, NR_OPEN) == expected
+
+
+@pytest.mark.parametrize("value", [0, -1, "abc", "12k", 1.5, 16384.0, True, None, [1], "", "1e5"])
+def test_bad_nofile_values_are_refused(value):
+    with pytest.raises(SaltInvocationError) as err:
+        settings_mod.validate_nofile(value, NR_OPEN, "pillar shadowsocks:tuning:nofile")
+    assert str(err.value).startswith("pillar shadowsocks:tuning:nofile: ")
+    assert "positive integer" in str(err.value)
+
+
+def test_nofile_above_nr_open_is_refused():
+    with pytest.raises(SaltInvocationError) as err:
+        settings_mod.validate_nofile(NR_OPEN + 1, NR_OPEN)
+    assert f"above fs.nr_open ({NR_OPEN})" in str(err.value)
+    assert settings_mod.validate_nofile(NR_OPEN, NR_OPEN) == NR_OPEN
+
+
+@pytest.mark.parametrize("path", ["relative/file", "/etc/../etc/shadow", "/etc/x\nulimit", "", None])
+def test_paths_must_be_absolute_and_plain(path):
+    with pytest.raises(SaltInvocationError) as err:
+        settings_mod.validate_path(path, "path")
+    assert str(err.value).startswith("path: ")
+
+
+def test_a_plain_path_is_normalised():
+    assert settings_mod.validate_path("/etc//default/./supervisor", "path") == "/etc/default/supervisor"
+
+
+@pytest.mark.parametrize("unit, expected", [
+    ("supervisor", "supervisor.service"), ("supervisor.service", "supervisor.service"),
+    ("shadowsocks-libev-server@.service", "shadowsocks-libev-server@.service"),
+    ("shadowsocks-libev-server@config", "shadowsocks-libev-server@config.service"),
+])
+def test_unit_names(unit, expected):
+    assert settings_mod.validate_unit(unit, "unit") == expected
+
+
+@pytest.mark.parametrize("unit", ["../etc/passwd", "a/b.service", "x.socket", "", None, "sup ervisor"])
+def test_bad_unit_names_are_refused(unit):
+    with pytest.raises(SaltInvocationError) as err:
+        settings_mod.validate_unit(unit, "unit")
+    assert str(err.value).startswith("unit: ")
+
+
+@pytest.mark.parametrize("name", ["../supervisor", "a/b", "", None, "sup ervisor", "-x"])
+def test_bad_service_names_are_refused(name):
+    with pytest.raises(SaltInvocationError):
+        settings_mod.validate_service(name, "service")
+
+
+@pytest.mark.parametrize("value", [0, 601, True, "30", None])
+def test_seconds_are_a_number_in_range(value):
+    with pytest.raises(SaltInvocationError):
+        settings_mod.validate_seconds(value, "timeout")
+    assert settings_mod.validate_seconds(0, "wait", 0, 600) == 0

@@ -1,0 +1,177 @@
+"""Processes as /proc shows them: open-file limits, capabilities, names, the
+report on real processes started with a low limit, and running a service
+command that misbehaves."""
+
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import pytest
+from salt.exceptions import CommandExecutionError, SaltInvocationError
+
+import sstuning_limits as limits
+import sstuning_procfs as procfs
+import sstuning_services as services
+
+NAMES = limits.process_names(None)
+
+
+def wait_until_exec(pid, program, timeout=10):
+    """Poll until `pid` has exec'd `program` (its comm and argv[0] show it):
+    before that it is still the forked parent, under the parent's name."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stat = procfs.proc_stat(pid)
+        if stat and stat[0] == os.path.basename(program) and procfs.proc_argv(pid)[:1] == [str(program)]:
+            return
+        if time.monotonic() >= deadline:
+            pytest.fail(f"pid {pid} did not exec {program} within {timeout} s (now {stat}, {procfs.proc_argv(pid)})")
+        time.sleep(0.01)
+
+
+def test_limits_and_capabilities_of_this_process():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = resource.RLIM_INFINITY
+    assert procfs.proc_nofile(os.getpid()) == tuple(None if v == unlimited else v for v in (soft, hard))
+    capeff = next(line for line in open("/proc/self/status") if line.startswith("CapEff:"))
+    assert procfs.has_cap_sys_resource() == bool(int(capeff.split()[1], 16) & (1 << 24))
+    assert procfs.proc_nofile(2**22 + 1) is None  # no such process (above the kernel's pid_max limit)
+
+
+def test_nr_open_is_read_from_the_kernel():
+    with open("/proc/sys/fs/nr_open") as handle:
+        assert procfs.nr_open("/proc/sys") == int(handle.read())
+
+
+@pytest.mark.parametrize(
+    "comm, argv, expected",
+    [
+        ("ss-server", ["/usr/bin/ss-server", "-c", "x"], "ss-server"),
+        ("supervisord", ["/usr/bin/python3", "/usr/bin/supervisord", "-n"], "supervisord"),
+        ("python3", ["/usr/bin/python3", "/usr/local/bin/ssserver", "-c", "x"], "ssserver"),
+        ("python3", ["python3", "ssrig.py", "count-wrap", "--", "/usr/bin/ss-server"], None),
+        ("less", ["less", "ss-server"], None),
+        ("bash", ["bash"], None),
+    ],
+)
+def test_process_names(comm, argv, expected):
+    assert NAMES == {limits.SUPERVISORD_NAME, *limits.SS_PROCESS_NAMES}
+    assert procfs.match_name(comm, argv, NAMES) == expected
+
+
+def test_process_names_given_as_text_or_a_list():
+    assert limits.process_names("ss-server, ss-local,") == {"ss-server", "ss-local"}
+    assert limits.process_names(["ssserver"]) == {"ssserver"}
+    with pytest.raises(SaltInvocationError):
+        limits.process_names([1])
+
+
+def test_a_pidfile_scopes_the_report_to_that_process_tree(tmp_path):
+    pidfile = tmp_path / "pid"
+    pidfile.write_text(f"{os.getpid()}\n")
+    assert procfs.pid_from(str(pidfile)) == os.getpid()
+    assert procfs.pid_from(str(tmp_path / "absent")) is None
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        table = procfs.process_table()
+        tree = procfs.subtree(table, [os.getpid()])
+        assert {os.getpid(), child.pid} <= tree
+        assert os.getppid() not in tree
+        assert procfs.alive(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert not procfs.alive(child.pid)
+
+
+def test_a_low_process_is_reported_with_the_reason(tmp_path):
+    """A real process started with soft 256 under a hard limit that allows
+    more: the report names it and says it must be started again."""
+    fake = tmp_path / "ss-server"
+    fake.symlink_to("/bin/sleep")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    hard_shown = None if hard == resource.RLIM_INFINITY else hard
+    proc = subprocess.Popen([str(fake), "30"], preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    try:
+        pidfile = tmp_path / "pid"
+        pidfile.write_text(f"{proc.pid}\n")
+        wait_until_exec(proc.pid, fake)
+        report = limits.report("/proc/sys", 1024, NAMES, [str(pidfile)])
+        assert not report["ok"]
+        (entry,) = report["processes"]
+        assert (entry["pid"], entry["name"], entry["soft"], entry["hard"]) == (proc.pid, "ss-server", 256, hard_shown)
+        assert "started before the limit was configured" in entry["reason"]
+        assert f"ss-server (pid {proc.pid}): soft 256" in report["comment"]
+        assert limits.report("/proc/sys", 256, NAMES, [str(pidfile)])["ok"]
+        # `watch` gives up after its wait, with the same verdict.
+        assert not limits.watch("/proc/sys", 1024, NAMES, [str(pidfile)], 0)["ok"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_capped_process_names_its_parent(tmp_path):
+    """Parent without CAP_SYS_RESOURCE and a hard limit below N: the reason
+    says so plainly instead of just 'restart it'."""
+    if procfs.has_cap_sys_resource():
+        pytest.skip("this process has CAP_SYS_RESOURCE: nothing caps it here")
+    fake = tmp_path / "ss-local"
+    fake.symlink_to("/bin/sleep")
+    shell = subprocess.Popen(
+        ["/bin/sh", "-c", f"ulimit -n 512; {fake} 30 & echo $!; wait"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    child = int(shell.stdout.readline())
+    try:
+        # `$!` is known as soon as the shell forks: wait until the child is ss-local.
+        wait_until_exec(child, fake)
+        pidfile = tmp_path / "pid"
+        pidfile.write_text(str(shell.pid))
+        report = limits.report("/proc/sys", 4096, NAMES, [str(pidfile)])
+        entry = next(p for p in report["processes"] if p["pid"] == child)
+        assert entry["hard"] == 512
+        assert entry["reason"].startswith(
+            f"capped: its parent sh (pid {shell.pid}) has a hard limit of 512 and no CAP_SYS_RESOURCE")
+    finally:
+        os.kill(child, 9)
+        shell.wait()
+        shell.stdout.close()
+
+
+# --------------------------------------------------------------------------
+# Service commands
+# --------------------------------------------------------------------------
+def test_a_service_command_whose_daemon_keeps_the_pipe_does_not_hang():
+    """The command exits while the daemon it started still holds the output
+    pipe: the result comes back while that daemon still runs."""
+    rc, out = services.run_service(["/bin/sh", "-c", "sleep 60 & echo started $!"], 120)
+    word, pid = out.split()
+    try:
+        assert (rc, word) == (0, "started")
+        assert procfs.alive(int(pid)), "run_service waited for the daemon to close the pipe"
+    finally:
+        os.kill(int(pid), 9)
+
+
+def test_a_service_command_runs_with_a_clean_environment():
+    os.environ["SST_LEAK"] = "x"
+    try:
+        rc, out = services.run_service(["/usr/bin/env"], 30)
+    finally:
+        del os.environ["SST_LEAK"]
+    assert rc == 0
+    assert sorted(line.split("=", 1)[0] for line in out.splitlines()) == sorted(services.SERVICE_ENV)
+
+
+def test_a_service_command_that_hangs_is_killed():
+    with pytest.raises(CommandExecutionError) as err:
+        services.run_service([sys.executable, "-c", "import time; time.sleep(30)"], 1)
+    assert "did not finish within 1 s" in str(err.value)
+
+
+def test_a_service_command_that_cannot_run_is_named():
+    with pytest.raises(CommandExecutionError) as err:
+        services.run_service(["/nonexistent/service", "start"], 5)
+    assert "cannot run /nonexistent/service start" in str(err.value)
