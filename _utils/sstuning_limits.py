@@ -166,8 +166,9 @@ def plan(settings, opts):
                 try:
                     item = plan_file(opts, target, nofile, force)
                 except CommandExecutionError as exc:
-                    where = target["where"] or f"{LIMITS}:{part}"
-                    errors.append(f"pillar {where}: {exc}")
+                    # `where` already says "pillar ..." (or "argument limits...").
+                    where = target["where"] or f"pillar {LIMITS}:{part}"
+                    errors.append(f"{where}: {exc}")
                     continue
                 (skipped if item["skipped"] else manage).append(item["path"])
                 planned.append(item)

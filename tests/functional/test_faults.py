@@ -1,4 +1,4 @@
-"""Issue 7, rows 2-6: faults during apply, two runs at once, config files owned
+"""Rows 2-6 of tests/FAULTS.md: faults during apply, two runs at once, config files owned
 by others, drift and rollback, permissions.
 
 Everything here is real: a fresh network namespace per test (its kernel values
@@ -24,15 +24,17 @@ import time
 import attr
 from saltfactories.cli.call import SaltCall
 
-import shadowsocks_tuning as engine  # the flat module; conftest puts _modules on sys.path
+import sstuning_catalogue as catalogue  # the flat engine files (pytest.ini puts _utils on sys.path)
+import sstuning_sysctld as sysctld
+from support.common import REPO
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-ENGINE = REPO / "_modules" / "shadowsocks_tuning.py"
-STATE = REPO / "_states" / "shadowsocks_tuning.py"
-KEYS = sorted(engine.CATALOGUE)
+# Every Python file that runs on the minion: the Salt faces and the engines.
+SOURCES = [REPO / "_modules" / "shadowsocks_tuning.py", REPO / "_states" / "shadowsocks_tuning.py",
+           *sorted((REPO / "_utils").glob("sstuning_*.py"))]
+KEYS = sorted(catalogue.CATALOGUE)
 # The sysctl part of `shadowsocks.tuning` (which includes it). The open-file
-# part (shadowsocks.tuning.nofile, issue 4) manages the host's real supervisor
-# files and services, so it is not run from here.
+# part (shadowsocks.tuning.nofile) has its own tests (test_nofile_states.py,
+# test_whole_pillar.py); the pillar of these minions turns it off.
 SLS = "shadowsocks.tuning.sysctl"
 
 
@@ -106,7 +108,7 @@ def wanted_values(minion):
     return {key: entry["wanted"] for key, entry in report["keys"].items() if entry.get("live") is not None}
 
 
-# Sources that must never shell out: the engine and the state module.
+# Patterns of shelling out, which no minion-side source may contain.
 SHELL_PATTERNS = ("shell=True", "os.system", "os.popen", "python_shell=True", "cmd.shell", "getoutput", "getstatusoutput", "pty.spawn")
 
 
@@ -119,7 +121,7 @@ OLD_CONF = b"# owned by ops\nvm.swappiness = 10\nnet.core.somaxconn = 1024\n"
 def test_kernel_rejects_a_value_halfway_everything_put_back_nothing_persisted(masterless):
     # The validator takes any port range within 1..65535; the kernel refuses a
     # range that starts below net.ipv4.ip_unprivileged_port_start (1024 here).
-    assert engine.normalise("net.ipv4.ip_local_port_range", "100 65000") == "100 65000"
+    assert catalogue.normalise("net.ipv4.ip_local_port_range", "100 65000") == "100 65000"
     assert live_values(masterless.netns, ["net.ipv4.ip_unprivileged_port_start"]) == {"net.ipv4.ip_unprivileged_port_start": "1024"}
     masterless.config.write_bytes(OLD_CONF)
     before = live_values(masterless.netns)
@@ -253,11 +255,14 @@ def test_missing_modprobe_is_named_and_missing_sysctl_is_not_needed(masterless):
 
 CRASHING_APPLY = r"""
 import json, os, signal, sys
-sys.path.insert(0, sys.argv[1])
-import shadowsocks_tuning as engine
-engine.__opts__ = json.loads(sys.argv[2])
-engine.__pillar__ = {"shadowsocks": {"tuning": json.loads(sys.argv[3])}}
-engine.__context__ = {}
+sys.path.insert(0, sys.argv[1])  # the flat engine files, as Salt syncs them into extmods/utils
+import sstuning_journal as journal
+import sstuning_limits as limits
+import sstuning_procfs as procfs
+import sstuning_settings as settings
+import sstuning_sysctl as sysctl
+opts = settings.options(json.loads(sys.argv[2]).get)
+tuning = json.loads(sys.argv[3])
 victim = sys.argv[4]
 real_fsync = os.fsync
 def fsync(fd):
@@ -266,12 +271,18 @@ def fsync(fd):
     if name.startswith(f".{victim}.sst-"):
         os.kill(os.getpid(), signal.SIGKILL)  # the temporary file is complete; the rename never comes
 os.fsync = fsync
-engine.apply()
+# What shadowsocks_tuning.apply does: resolve, plan both halves under the lock, write.
+with journal.lock(opts["state_dir"]):
+    resolved = settings.resolve(tuning, nr_open=procfs.nr_open(opts["proc_root"]))
+    prepared = sysctl.prepare(resolved, opts, False)
+    errors = prepared["errors"] + limits.plan(resolved, opts)["errors"]
+    assert not errors, errors
+    sysctl.apply(resolved, opts, prepared)
 """
 
 
 def test_kill_9_between_writing_the_temporary_file_and_renaming_it(masterless):
-    """The engine itself, in a process killed with SIGKILL right after the
+    """The engines themselves, in a process killed with SIGKILL right after the
     temporary file is written and fsynced: once while saving the originals
     (before any kernel write), once while persisting local.conf (after them)."""
     masterless.config.write_bytes(OLD_CONF)
@@ -283,10 +294,12 @@ def test_kill_9_between_writing_the_temporary_file_and_renaming_it(masterless):
         "shadowsocks_tuning.sysctl_conf": str(root / "sysctl.conf"),
         "shadowsocks_tuning.modules_load_dir": str(root / "modules-load.d"),
     }
+    # The open-file part stays off the host's supervisor and shadowsocks-libev files.
+    tuning = {"config": str(masterless.config), "limits": {"supervisor": None, "shadowsocks_libev": None}}
     for victim in ("originals.json", "local.conf"):
         crashed = subprocess.run(
             ["ip", "netns", "exec", masterless.netns, sys.executable, "-c", CRASHING_APPLY,
-             str(REPO / "_modules"), json.dumps(opts), json.dumps({"config": str(masterless.config)}), victim],
+             str(REPO / "_utils"), json.dumps(opts), json.dumps(tuning), victim],
             capture_output=True, text=True,
         )
         assert crashed.returncode == -signal.SIGKILL, crashed.stderr
@@ -368,7 +381,7 @@ def test_concurrent_applies_queue_on_the_lock_and_never_interleave(masterless):
     text = masterless.config.read_text()
     assert text.count(f"\nnet.ipv4.tcp_keepalive_time = {1000 + winner}\n") == 1 and text.count("tcp_keepalive_time") == 1
     assert text.count(f"\nnet.ipv4.tcp_fin_timeout = {40 + winner}\n") == 1 and text.count("tcp_fin_timeout") == 1
-    assert text.count(engine.MANAGED_HEADER) == 1
+    assert text.count(sysctld.MANAGED_HEADER) == 1
     assert no_temporaries(masterless.root)
     # The originals saved are the ones from before any run.
     assert state_of(masterless.run("state.apply", "shadowsocks.tuning.clean"))["result"] is True
@@ -422,17 +435,17 @@ def test_foreign_local_conf_only_managed_lines_change_and_clean_restores_it(mast
     ret = state_of(masterless.run("state.apply", SLS))
     assert ret["result"] is True, ret
     tail = _appended(crlf.read_bytes(), ODD_CRLF_AFTER, "\r\n")
-    assert tail[:2] == [engine.MANAGED_HEADER, "# profile: low-latency"]
+    assert tail[:2] == [sysctld.MANAGED_HEADER, "# profile: low-latency"]
     assert all(re.fullmatch(r"[a-z0-9_.-]+ = [0-9a-z ]+", line) for line in tail[2:])
     wanted = wanted_values(masterless)
-    managed = {k: v for _, k, v in engine._parse_conf(crlf.read_bytes().decode("utf-8", "surrogateescape"))}
+    managed = {k: v for _, k, v in sysctld.parse_conf(crlf.read_bytes().decode("utf-8", "surrogateescape"))}
     assert {k: managed[k] for k in wanted} == wanted
     assert {k: v for k, v in managed.items() if k not in wanted} == {"vm.swappiness": "10", "kernel.pid_max": "65536"}
 
     masterless.pillar({"config": str(lf)})
     ret = state_of(masterless.run("state.apply", SLS))
     assert ret["result"] is True and list(ret["changes"]) == [str(lf)], ret
-    assert _appended(lf.read_bytes(), ODD_LF_AFTER, "\n")[:2] == [engine.MANAGED_HEADER, "# profile: low-latency"]
+    assert _appended(lf.read_bytes(), ODD_LF_AFTER, "\n")[:2] == [sysctld.MANAGED_HEADER, "# profile: low-latency"]
 
     ret = state_of(masterless.run("state.apply", "shadowsocks.tuning.clean"))
     assert ret["result"] is True
@@ -536,7 +549,7 @@ def test_a_symlinked_config_is_refused_and_its_target_not_copied(masterless, tmp
 
 
 def test_nothing_runs_through_a_shell():
-    for source in (ENGINE, STATE):
+    for source in SOURCES:
         text = source.read_text()
         for pattern in SHELL_PATTERNS:
             assert pattern not in text, f"{source.name}: {pattern}"
@@ -547,5 +560,5 @@ def test_nothing_runs_through_a_shell():
                     argv = node.args[0] if node.args else next(kw.value for kw in node.keywords if kw.arg == "args")
                     assert not isinstance(argv, (ast.Constant, ast.JoinedStr)), ast.dump(node)
                     assert all(kw.arg != "shell" for kw in node.keywords)
-    # The one external command: modprobe with a fixed argv and '--' before the name.
-    assert re.search(r'\["--", module\]', ENGINE.read_text())
+    # The one kernel-side command: modprobe with a fixed argv and '--' before the name.
+    assert re.search(r'\["--", module\]', (REPO / "_utils" / "sstuning_sysctl.py").read_text())

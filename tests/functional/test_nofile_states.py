@@ -1,9 +1,9 @@
 """Open-file limits through a real `salt-call --local` (the Salt loader, the
-SLS shadowsocks.tuning.nofile, requisites), on real files in a temporary root
-and real processes started by real init scripts (small sh scripts in a
-temporary init.d, so nothing of the host's services is touched). systemd is
-not PID 1 here: its path is checked through the rendered drop-ins and the
-systemctl commands a stand-in records."""
+SLS shadowsocks.tuning.nofile), on real files in a temporary root and real
+processes started by real init scripts (small sh scripts in a temporary
+init.d, so nothing of the host's services is touched). systemd is not PID 1
+here: its path is checked through the rendered drop-ins and the systemctl
+commands a recording stand-in receives."""
 
 import os
 import re
@@ -16,10 +16,19 @@ import time
 
 import pytest
 
-import shadowsocks_tuning as engine
+import sstuning_limits as limits_engine  # the flat engine files (pytest.ini puts _utils on sys.path)
+import sstuning_lines as lines
+import sstuning_procfs as procfs
 
-CHECK = "shadowsocks-tuning-nofile-check"
+# The state IDs of salt/shadowsocks/tuning/nofile.sls: one per part of pillar
+# `limits` (write its files, then stop and start what changed), then the proof.
+SUPERVISOR = "shadowsocks-tuning-nofile-supervisor"
+SSLIBEV = "shadowsocks-tuning-nofile-shadowsocks-libev"
+SCRIPTS = "shadowsocks-tuning-nofile-init-scripts"
+UNITS = "shadowsocks-tuning-nofile-units"
 VERIFY = "shadowsocks-tuning-nofile-verify"
+ACTING = (SUPERVISOR, SSLIBEV, SCRIPTS, UNITS)
+
 
 # An init script in the shape of Debian's /etc/init.d/supervisor: it sources a
 # defaults file, then starts a daemon that writes a pidfile.
@@ -104,7 +113,7 @@ class Box:
         return self.root / "run" / f"{name}.pid"
 
     def pid(self, name):
-        return engine._pid_from(str(self.pidfile(name)))
+        return procfs.pid_from(str(self.pidfile(name)))
 
     def start(self, name, nofile=1024):
         """Start a fake service the way an admin shell with `ulimit -n 1024` would."""
@@ -116,7 +125,7 @@ class Box:
         # for the exec, or a check may still see `sh` under that pid.
         pid = self.pid(name)
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not (engine._proc_argv(pid) or [""])[0].startswith(str(self.root / "bin")):
+        while time.monotonic() < deadline and not (procfs.proc_argv(pid) or [""])[0].startswith(str(self.root / "bin")):
             time.sleep(0.02)
         return pid
 
@@ -158,18 +167,12 @@ class Box:
         prefix = str(self.root / "bin") + "/"
         for entry in os.listdir("/proc"):
             if entry.isdigit():
-                argv = engine._proc_argv(int(entry))
+                argv = procfs.proc_argv(int(entry))
                 if argv and argv[0].startswith(prefix):
                     try:
                         os.kill(int(entry), signal.SIGKILL)
                     except ProcessLookupError:
                         pass
-
-
-@pytest.fixture(autouse=True)
-def engine_opts(monkeypatch):
-    """The helpers above read /proc through the engine, which wants __opts__."""
-    monkeypatch.setattr(engine, "__opts__", {}, raising=False)
 
 
 @pytest.fixture
@@ -187,10 +190,15 @@ def wait_pid_changed(box, name, old, timeout=10):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pid = box.pid(name)
-        if pid and pid != old and engine._alive(pid):
+        if pid and pid != old and procfs.alive(pid):
             return pid
         time.sleep(0.05)
     return box.pid(name)
+
+
+def file_changes(ret):
+    """The file entries of a limits_applied state's changes: {path: {old, new, diff}}."""
+    return {key: value for key, value in ret["changes"].items() if not key.startswith("service ")}
 
 
 def test_sysvinit_path_limit_reaches_the_restarted_daemons_and_clean_restores(box):
@@ -198,7 +206,7 @@ def test_sysvinit_path_limit_reaches_the_restarted_daemons_and_clean_restores(bo
     and in an init script, stop then start, and /proc shows the new limit."""
     sup_pid = box.start("fake-supervisor")
     ss_pid = box.start("fakess")
-    assert engine._proc_nofile(sup_pid) == (1024, 1024)
+    assert procfs.proc_nofile(sup_pid) == (1024, 1024)
     # Below the 4096 asked for (Debian's 32768 would be kept: only raised).
     box.sslibev_defaults.write_text(re.sub(r"(?m)^MAXFD=.*$", "MAXFD=1024", box.sslibev_defaults.read_text()))
     before = box.files()
@@ -206,26 +214,36 @@ def test_sysvinit_path_limit_reaches_the_restarted_daemons_and_clean_restores(bo
 
     predicted = box.apply("test=True")
     assert box.files() == before and box.pid("fake-supervisor") == sup_pid, "test=True changed something"
-    assert predicted[CHECK]["result"] is True
-    for sid in ("shadowsocks-tuning-supervisor-ulimit", "shadowsocks-tuning-supervisor-minfds",
-                "shadowsocks-tuning-shadowsocks-libev-maxfd", "shadowsocks-tuning-initscript-fakess-ulimit",
-                "shadowsocks-tuning-supervisor-restart", "shadowsocks-tuning-initscript-fakess-restart"):
+    assert set(predicted) == {*ACTING, VERIFY}
+    for sid in (SUPERVISOR, SSLIBEV, SCRIPTS):
         assert predicted[sid]["result"] is None and predicted[sid]["changes"], sid
-    assert predicted["shadowsocks-tuning-supervisor-ulimit"]["changes"]["ulimit -n"] == {"old": None, "new": "4096"}
-    assert predicted["shadowsocks-tuning-shadowsocks-libev-restart"]["result"] is True  # not running: left alone
-    assert not any("dropin" in sid for sid in predicted), "no systemd here: no drop-ins"
+    assert set(predicted[SUPERVISOR]["changes"]) == {
+        str(box.supervisor_defaults), str(box.supervisord_conf), "service fake-supervisor"}
+    defaults = predicted[SUPERVISOR]["changes"][str(box.supervisor_defaults)]
+    assert (defaults["old"], defaults["new"]) == (None, "4096") and "+ulimit -n 4096" in defaults["diff"]
+    assert predicted[SUPERVISOR]["changes"]["service fake-supervisor"]["old"] == f"running (pid {sup_pid})"
+    assert set(predicted[SCRIPTS]["changes"]) == {str(box.fakess), "service fakess"}
+    # shadowsocks-libev is not running: its file changes, the service is left alone.
+    assert set(predicted[SSLIBEV]["changes"]) == {str(box.sslibev_defaults)}
+    assert "fake-sslibev is not running: left stopped" in predicted[SSLIBEV]["comment"]
+    assert predicted[UNITS]["result"] is True and not predicted[UNITS]["changes"], "no systemd here: no drop-ins"
+    assert "nothing installed to manage" in predicted[UNITS]["comment"]
 
     applied = box.apply()
     assert all(ret["result"] is True for ret in applied.values()), {k: v["comment"] for k, v in applied.items()}
-    for sid in predicted:
-        assert bool(applied[sid]["changes"]) == bool(predicted[sid]["changes"]), sid
-    assert "not running: left stopped" in applied["shadowsocks-tuning-shadowsocks-libev-restart"]["comment"]
+    for sid in ACTING:
+        # The same files with the same edits, and the same services stopped and started.
+        assert set(applied[sid]["changes"]) == set(predicted[sid]["changes"]), sid
+        assert file_changes(applied[sid]) == file_changes(predicted[sid]), sid
+    assert "fake-sslibev is not running: left stopped" in applied[SSLIBEV]["comment"]
     new_sup = wait_pid_changed(box, "fake-supervisor", sup_pid)
     new_ss = wait_pid_changed(box, "fakess", ss_pid)
     assert new_sup != sup_pid and new_ss != ss_pid
-    assert not engine._alive(sup_pid) and not engine._alive(ss_pid)
-    assert engine._proc_nofile(new_sup) == (4096, 4096)
-    assert engine._proc_nofile(new_ss) == (4096, 4096)
+    assert not procfs.alive(sup_pid) and not procfs.alive(ss_pid)
+    assert applied[SUPERVISOR]["changes"]["service fake-supervisor"] == {
+        "old": f"running (pid {sup_pid})", "new": f"running (pid {new_sup})"}
+    assert procfs.proc_nofile(new_sup) == (4096, 4096)
+    assert procfs.proc_nofile(new_ss) == (4096, 4096)
     assert "every process runs with at least 4096 open files" in applied[VERIFY]["comment"]
     assert box.supervisor_defaults.read_text().endswith("ulimit -n 4096\n")
     assert "\nminfds=4096\n" in box.supervisord_conf.read_text()
@@ -243,6 +261,13 @@ def test_sysvinit_path_limit_reaches_the_restarted_daemons_and_clean_restores(bo
     assert box.files() == before
 
 
+def salt_grantable(box):
+    """What the salt-call process itself can grant to the services it starts."""
+    grant = box.minion.run("shadowsocks_tuning.nofile_grantable")
+    assert grant.returncode == 0, grant.stderr
+    return grant.data
+
+
 @pytest.mark.parametrize(
     "nofile, extra, expected",
     [
@@ -250,15 +275,15 @@ def test_sysvinit_path_limit_reaches_the_restarted_daemons_and_clean_restores(bo
         (0, {}, "pillar shadowsocks:tuning:nofile: 0 is not a positive integer"),
         ("NR_OPEN+1", {}, "is above fs.nr_open"),
         (4096, {"init_scripts": ["/etc/init.d/no-such-shadowsocks"]},
-         "/etc/init.d/no-such-shadowsocks does not exist"),
+         "pillar shadowsocks:tuning:limits:init_scripts[0]:path: /etc/init.d/no-such-shadowsocks does not exist"),
         ("CAP+1", {}, "cannot be granted here"),
     ],
 )
-def test_bad_input_fails_the_check_and_touches_nothing(box, nofile, extra, expected):
+def test_bad_input_fails_every_state_and_touches_nothing(box, nofile, extra, expected):
     if nofile == "NR_OPEN+1":
         nofile = int(pathlib.Path("/proc/sys/fs/nr_open").read_text()) + 1
     if nofile == "CAP+1":
-        grant = engine.nofile_grantable()
+        grant = salt_grantable(box)
         if grant["cap_sys_resource"]:
             pytest.skip("salt has CAP_SYS_RESOURCE here: no cap below fs.nr_open")
         nofile = grant["limit"] + 1
@@ -266,14 +291,14 @@ def test_bad_input_fails_the_check_and_touches_nothing(box, nofile, extra, expec
     before = box.files()
     box.pillar(nofile, **extra)
     states = box.apply()
-    assert states[CHECK]["result"] is False
-    assert expected in states[CHECK]["comment"]
-    for sid, ret in states.items():
-        if sid.endswith(("-ulimit", "-minfds", "-maxfd")):
-            assert ret["result"] is False and "requisite failed" in ret["comment"], sid
-            assert not ret["changes"]
+    for sid in ACTING:
+        # Each part checks the whole pillar first: the problem is named in all of them.
+        assert states[sid]["result"] is False, sid
+        assert expected in states[sid]["comment"] and "Nothing was changed" in states[sid]["comment"], sid
+        assert "pillar pillar" not in states[sid]["comment"], states[sid]["comment"]
+        assert not states[sid]["changes"], sid
     assert box.files() == before
-    assert box.pid("fake-supervisor") == sup_pid and engine._alive(sup_pid)
+    assert box.pid("fake-supervisor") == sup_pid and procfs.alive(sup_pid)
 
 
 @pytest.mark.parametrize(
@@ -286,28 +311,33 @@ def test_bad_input_fails_the_check_and_touches_nothing(box, nofile, extra, expec
         ({"init_system": "upstart"}, "pillar shadowsocks:tuning:limits:init_system: 'upstart' must be one of"),
     ],
 )
-def test_malformed_pillar_still_renders_and_the_check_names_the_key(box, limits, expected):
+def test_malformed_pillar_still_renders_and_every_state_names_the_key(box, limits, expected):
+    before = box.files()
     box.minion.pillar({"config": str(box.minion.config), "nofile": 4096, "limits": limits})
     states = box.apply()
-    assert states[CHECK]["result"] is False
-    assert expected in states[CHECK]["comment"]
-    assert all(not ret["changes"] for ret in states.values())
+    assert set(states) == {*ACTING, VERIFY}, "the SLS did not render"
+    for sid, ret in states.items():
+        assert ret["result"] is False and expected in ret["comment"], sid
+        assert not ret["changes"], sid
+    assert box.files() == before
 
 
 def test_the_cap_is_reported_plainly(box):
-    """nofile above what salt can grant: the check says why, and the verify
+    """nofile above what salt can grant: every part says why, and the verify
     state reports each running daemon below it with the reason."""
-    grant = engine.nofile_grantable()
+    grant = salt_grantable(box)
     if grant["cap_sys_resource"]:
         pytest.skip("salt has CAP_SYS_RESOURCE here: no cap below fs.nr_open")
     box.start("fake-supervisor", nofile=grant["limit"])
     wanted = grant["limit"] + 1
     box.pillar(wanted, verify={"pidfiles": [str(box.pidfile("fake-supervisor"))], "wait": 0})
     states = box.apply()
-    check = states[CHECK]["comment"]
-    assert f"nofile {wanted} cannot be granted here" in check
-    assert f"hard open-file limit of {grant['hard']} and without CAP_SYS_RESOURCE" in check
-    assert f"lower pillar shadowsocks:tuning:nofile to {grant['limit']} or less" in check
+    for sid in ACTING:
+        check = states[sid]["comment"]
+        assert states[sid]["result"] is False, sid
+        assert f"pillar shadowsocks:tuning:nofile: {wanted} cannot be granted here" in check
+        assert f"hard open-file limit of {grant['hard']} and without CAP_SYS_RESOURCE" in check
+        assert f"lower it to {grant['limit']} or less" in check
     verify = states[VERIFY]
     assert verify["result"] is False
     assert f"run with an open-file limit below {wanted}" in verify["comment"]
@@ -323,13 +353,17 @@ def test_the_cap_is_reported_plainly(box):
     ],
 )
 def test_a_service_that_does_not_start_fails_its_state_by_name(box, script, expected):
-    box.pillar(4096, restart="always", timeout=2, init_scripts=[str(box.root / "init.d" / script)],
+    path = box.root / "init.d" / script
+    box.pillar(4096, restart="always", timeout=2, init_scripts=[str(path)],
                supervisor=None, shadowsocks_libev=None, verify={"pidfiles": [], "wait": 0})
     states = box.apply()
-    assert states[f"shadowsocks-tuning-initscript-{script}-ulimit"]["result"] is True
-    restart = states[f"shadowsocks-tuning-initscript-{script}-restart"]
+    assert states[SUPERVISOR]["result"] is True and states[SSLIBEV]["result"] is True  # turned off: untouched
+    restart = states[SCRIPTS]
     assert restart["result"] is False
-    assert restart["comment"].startswith(expected.format(root=box.root))
+    assert restart["comment"].startswith(expected.format(root=box.root)), restart["comment"]
+    # The limit was written before the start was tried, and the state says so.
+    assert "ulimit -n 4096" in path.read_text().split("\n")
+    assert f"(written before that: {path})" in restart["comment"]
 
 
 FAKE_SYSTEMCTL = """#!/bin/sh
@@ -344,7 +378,10 @@ exit 0
 def test_systemd_path_renders_dropins_and_restarts_through_systemctl(make_masterless, tmp_path):
     """systemd chosen (its marker directory exists): LimitNOFILE drop-ins for
     installed units only, template units included, then daemon-reload and
-    (try-)restart; no cap check, since systemd (PID 1) grants the limit."""
+    (try-)restart; no cap check, since systemd (PID 1) grants the limit.
+    systemd is not PID 1 here, so `systemctl` is a stand-in that records its
+    arguments and says supervisor.service is the one active unit: the drop-ins
+    are real files, what systemd would do with them is not exercised."""
     root = tmp_path / "sd"
     marker, etc, lib = root / "run/systemd/system", root / "etc/systemd/system", root / "lib/systemd/system"
     for directory in (marker, etc, lib):
@@ -363,39 +400,42 @@ def test_systemd_path_renders_dropins_and_restarts_through_systemctl(make_master
     })
     assert minion.run("shadowsocks_tuning.init_system").data == "systemd"
     nofile = 51200  # above this machine's hard limit: fine, PID 1 grants it
-    # The SLS takes `auto` from the init grain (PID 1 here is not systemd): say systemd.
+    # init_system is left at `auto`: the marker directory alone selects systemd.
     minion.pillar({"config": str(minion.config), "nofile": nofile, "limits": {
-        "init_system": "systemd",
         "supervisor": {"defaults_file": None, "config": None},
         "shadowsocks_libev": {"defaults_file": None},
         "units": ["shadowsocks-rust.service"],
         "verify": {"pidfiles": [str(root / "none.pid")], "wait": 0},
     }})
+    assert minion.run("shadowsocks_tuning.settings").data["init_system"] == "systemd"
     result = minion.run("state.apply", "shadowsocks.tuning.nofile")
     states = {ret["__id__"]: ret for ret in result.data.values()}
     assert all(ret["result"] is True for ret in states.values()), {k: v["comment"] for k, v in states.items()}
-    dropin = engine._render_dropin
-    assert (etc / "supervisor.service.d" / engine.DROPIN_NAME).read_text() == dropin(nofile, "supervisor.service")
-    assert (etc / "shadowsocks-libev-server@.service.d" / engine.DROPIN_NAME).read_text() == dropin(
+    name = limits_engine.DROPIN_NAME
+    assert (etc / "supervisor.service.d" / name).read_text() == lines.render_dropin(nofile, "supervisor.service")
+    assert (etc / "shadowsocks-libev-server@.service.d" / name).read_text() == lines.render_dropin(
         nofile, "shadowsocks-libev-server@.service")
-    assert (etc / "shadowsocks-libev.service.d" / engine.DROPIN_NAME).exists()
+    assert (etc / "shadowsocks-libev.service.d" / name).exists()
     assert not (etc / "shadowsocks-libev-local@.service.d").exists()
     assert not (etc / "shadowsocks-rust.service.d").exists()
-    assert "is not installed" in states["shadowsocks-tuning-unit-shadowsocks-rust.service-dropin"]["comment"]
+    assert set(states[SUPERVISOR]["changes"]) == {str(etc / "supervisor.service.d" / name), "service supervisor.service"}
+    assert "shadowsocks-rust.service is not installed" in states[UNITS]["comment"]
+    assert not states[UNITS]["changes"]
     calls = log.read_text().splitlines()
     assert "try-restart -- supervisor.service" in calls
     assert "try-restart -- shadowsocks-libev-server@*.service" in calls
     assert "try-restart -- shadowsocks-libev.service" not in calls  # not active: reload only
+    assert "shadowsocks-libev.service is not active" in states[SSLIBEV]["comment"]
     assert calls.count("daemon-reload") == 3
     assert not any(c.startswith(("restart", "stop", "start")) for c in calls)
 
     log.write_text("")
     again = minion.run("state.apply", "shadowsocks.tuning.nofile")
-    assert all(not ret["changes"] for ret in again.data.values())
+    assert all(ret["result"] is True and not ret["changes"] for ret in again.data.values())
     assert log.read_text() == "", "nothing changed, so nothing restarted"
 
     minion.run("state.apply", "shadowsocks.tuning.clean")
-    assert not list(etc.rglob(engine.DROPIN_NAME))
+    assert not list(etc.rglob(name))
 
 
 def test_execution_functions_through_the_loader(box):
@@ -417,4 +457,4 @@ def test_execution_functions_through_the_loader(box):
     restarted = run("shadowsocks_tuning.stop_start", "fakess", f"pidfile={box.pidfile('fakess')}").data
     assert restarted["changed"] and restarted["old"] == f"running (pid {pid})"
     new = box.pid("fakess")
-    assert new != pid and engine._proc_nofile(new)[0] != 1024  # started by salt, without the admin's ulimit
+    assert new != pid and procfs.proc_nofile(new)[0] != 1024  # started by salt, without the admin's ulimit
