@@ -14,7 +14,7 @@ The namespaces have no default route: a minion can only reach the bridge
 subnet, so nothing it does can leave the machine.
 
 Plugging in the real package (file_roots = <gen dir>, /work/main/salt; the
-_modules/_states symlinks inside salt/ are what sync_all and salt-ssh ship)::
+_modules/_states/_utils symlinks inside salt/ are what sync_all and salt-ssh ship)::
 
     pytestmark = pytest.mark.fleet_sources("repo")    # or root="/other/checkout"
 
@@ -47,6 +47,9 @@ Fixtures (all module-scoped):
                    in a temp dir, no service restarted)
   fleet_paths_outside   paths_outside(state data, root): paths a rendered SLS
                    or a state run touches outside a node's sandbox
+  fleet_settings_outside  settings_outside(settings, root): what the resolved
+                   settings (`shadowsocks_tuning.settings`) would write, check
+                   or restart outside a node's sandbox
 """
 from __future__ import annotations
 
@@ -711,6 +714,42 @@ def paths_outside(data, root):
         else:  # a state declaration (show_sls)
             walk({k: v for k, v in body.items() if not k.startswith("__")})
     return sorted(found)
+
+
+def settings_outside(settings, root):
+    """What the resolved settings of a node (``shadowsocks_tuning.settings``)
+    would act on outside ``root``: the persisted sysctl file, every file of
+    every part of the open-file limits (a systemd drop-in, which goes to the
+    host's systemd dir, counts as outside), the pidfiles the /proc check
+    follows, and every service it would stop and start. The states' own
+    arguments name no path: the settings are where the paths are."""
+    root = str(root).rstrip("/") + "/"
+    found = []
+
+    def check(path, what):
+        if not isinstance(path, str) or not path.startswith(root):
+            found.append(f"{what}: {path}")
+
+    check(settings["config"], "config")
+    for pidfile in settings["verify"]["pidfiles"]:
+        check(pidfile, "verify pidfile")
+    for part, groups in settings["limits"].items():
+        for group in groups:
+            for target in group["files"]:
+                if target["path"] is None:
+                    found.append(f"{part}: systemd drop-in for {target.get('unit')}")
+                else:
+                    check(target["path"], f"{part} {target['kind']}")
+            if group["restart"] and settings["restart"] != "never":
+                found.append(f"{part}: stops and starts {group['restart']['name']}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def fleet_settings_outside():
+    """``settings_outside(settings, root)``: what a node's resolved settings
+    would write, check or restart outside its sandbox (must be nothing)."""
+    return settings_outside
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from support.common import REPO
 from support import ssrig
 
-import shadowsocks_tuning as engine
+import sstuning_procfs as procfs
 
 BENCH = REPO / "bench" / "capacity"
 MANAGED = ("/etc/default/supervisor", "/etc/supervisor/supervisord.conf", "/etc/default/shadowsocks-libev")
@@ -28,8 +28,8 @@ SSLIBEV_PIDFILE = "/var/run/shadowsocks-libev/shadowsocks-libev.pid"
 
 
 def running(pidfile, word):
-    pid = engine._pid_from(pidfile)
-    return bool(pid and ssrig.pid_alive(pid) and any(word in a for a in engine._proc_argv(pid)))
+    pid = procfs.pid_from(pidfile)
+    return bool(pid and ssrig.pid_alive(pid) and any(word in a for a in procfs.proc_argv(pid)))
 
 
 def etc_state():

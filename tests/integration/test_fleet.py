@@ -1,10 +1,11 @@
 """A real master and three real minions with the real package.
 
-The master serves this repository's salt/ tree (SLS plus the _modules/_states
-links) as file_roots; a pillar top.sls gives each minion its own profile and
-overrides; `saltutil.sync_all` brings the custom modules to the minions. Each
-minion runs inside its own network namespace, so each really holds its own
-per-namespace sysctls; the tests read them from inside each namespace.
+The master serves this repository's salt/ tree (SLS plus the _modules,
+_states and _utils links) as file_roots; a pillar top.sls gives each minion its
+own profile and overrides; `saltutil.sync_all` brings the custom modules and
+the engine files to the minions. Each minion runs inside its own network
+namespace, so each really holds its own per-namespace sysctls; the tests read
+them from inside each namespace.
 
 Minions share the host's filesystem: every path the package writes (the
 sysctl.d file, the engine's state dir, the supervisor / shadowsocks-libev
@@ -23,12 +24,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from support.common import REPO
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.fleet_sources("repo", extra_sls={"fleet/empty.sls": ""}),
 ]
 
 SYSCTL_ID = "shadowsocks_tuning_|-shadowsocks-tuning-sysctl_|-shadowsocks-tuning-sysctl_|-tuned"
+# The engine files in _utils/, flat modules the execution module imports by name.
+ENGINES = sorted(path.stem for path in (REPO / "_utils").glob("sstuning_*.py"))
 MINIONS = ("ss-bbr", "ss-lowmem", "ss-edge")
 # Per-minion pillar shadowsocks:tuning (the sandbox adds config and limits).
 TUNING = {
@@ -130,9 +135,11 @@ def test_custom_modules_reach_the_minions_through_sync_all(synced):
     states = unsynced.data.get("ss-bbr", unsynced.data) if isinstance(unsynced.data, dict) else {}
     comments = [ret.get("comment", "") for ret in states.values() if isinstance(ret, dict)]
     assert any("State 'shadowsocks_tuning.tuned' was not found" in c for c in comments), unsynced.stdout[-2000:]
+    assert ENGINES
     for mid, ret in after.items():
         assert "modules.shadowsocks_tuning" in ret["modules"], (mid, ret)
         assert "states.shadowsocks_tuning" in ret["states"], (mid, ret)
+        assert {f"utils.{name}" for name in ENGINES} <= set(ret["utils"]), (mid, ret)
 
 
 def test_each_minion_gets_its_own_pillar(fleet_salt_cli, synced):
@@ -146,18 +153,38 @@ def test_each_minion_gets_its_own_pillar(fleet_salt_cli, synced):
 
 
 def test_the_sls_touches_nothing_outside_each_minions_sandbox(
-        fleet_salt_cli, synced, fleet_tuning_sandbox, fleet_paths_outside):
+        fleet_salt_cli, synced, fleet_tuning_sandbox, fleet_paths_outside, fleet_settings_outside):
     ret = fleet_salt_cli.run("state.show_sls", "shadowsocks.tuning", minion_tgt="*")
     assert ret.returncode == 0, ret
+    # The states name no path: each resolves pillar and minion options itself.
+    # What they act on is in the resolved settings and the open-file check.
+    settings = fleet_salt_cli.run("shadowsocks_tuning.settings", minion_tgt="*")
+    assert settings.returncode == 0, settings
+    checked = fleet_salt_cli.run("shadowsocks_tuning.nofile_check", minion_tgt="*")
+    assert checked.returncode == 0, checked
+    options = fleet_salt_cli.run("config.items", minion_tgt="*")
+    assert options.returncode == 0, options
     for mid in MINIONS:
+        sandbox = fleet_tuning_sandbox(mid)
         rendered = ret.data[mid]
         assert isinstance(rendered, dict), (mid, rendered)
-        assert fleet_paths_outside(rendered, fleet_tuning_sandbox(mid).root) == [], mid
+        assert fleet_paths_outside(rendered, sandbox.root) == [], mid
         functions = sorted(f for body in rendered.values() for f in body["shadowsocks_tuning"]
                            if isinstance(f, str))
-        # the open-file-limit part is there, on sandbox files, and restarts nothing
-        assert functions == ["assignment", "nofile_checked", "nofile_reached", "supervisord_minfds",
-                             "tuned", "ulimit_line"], (mid, functions)
+        # the open-file-limit part is there, one state per part, then the /proc check
+        assert functions == ["limits_applied"] * 4 + ["nofile_reached", "tuned"], (mid, functions)
+        # every file written, every pidfile followed: in the sandbox; no service restarted
+        assert fleet_settings_outside(settings.data[mid], sandbox.root) == [], (mid, settings.data[mid])
+        assert settings.data[mid]["nofile"] == TUNING[mid]["nofile"]
+        report = checked.data[mid]
+        assert report["ok"] is True and report["errors"] == [], (mid, report)
+        assert report["manage"] == [str(sandbox.limit_file(name))
+                                    for name in ("supervisor", "supervisord.conf", "shadowsocks-libev")], mid
+        assert report["skipped"] == [], (mid, report)
+        # where the engine keeps its originals and lock, and the modules-load.d file
+        for option in ("state_dir", "modules_load_dir"):
+            path = options.data[mid][f"shadowsocks_tuning.{option}"]
+            assert path.startswith(str(sandbox.root) + "/"), (mid, option, path)
 
 
 def test_test_mode_predicts_the_real_run_which_is_idempotent_and_verified(
@@ -261,7 +288,7 @@ def edge_pillar_names_an_unknown_profile(fleet_pillar_roots, fleet_pillar, fleet
         fleet_salt_cli.run("saltutil.refresh_pillar", "wait=True", minion_tgt="ss-edge")
 
 
-def test_an_unknown_profile_fails_that_minion_alone(fleet_salt_cli, synced, fleet_net,
+def test_an_unknown_profile_fails_that_minion_alone(fleet_salt_cli, synced, fleet_net, fleet_tuning_sandbox,
                                                     edge_pillar_names_an_unknown_profile):
     # Give the other two something to do: a value changed behind Salt's back.
     for mid in ("ss-bbr", "ss-lowmem"):
@@ -269,20 +296,29 @@ def test_an_unknown_profile_fails_that_minion_alone(fleet_salt_cli, synced, flee
     edge = fleet_net.node("ss-edge")
     edge.exec("sysctl", "-q", "-w", "net.ipv4.tcp_keepalive_time=7200")
     edge_before = snapshot(edge)
+    # ...and ss-edge an open-file limit to put back, in both halves.
+    supervisor = fleet_tuning_sandbox("ss-edge").limit_file("supervisor")
+    supervisor.write_text(fleet_tuning_sandbox("ss-edge").LIMIT_FILES["supervisor"])
+    edge_file = supervisor.read_bytes()
 
     ret = apply(fleet_salt_cli)
     assert ret.returncode != 0, ret  # one minion failed
     states = minion_states(ret)
 
-    failed = states["ss-edge"][SYSCTL_ID]
-    assert failed["result"] is False and failed["changes"] == {}
-    assert failed["comment"] == (
+    # The whole pillar is checked first: every state of ss-edge fails with the
+    # same message, naming the pillar path, and nothing is written anywhere.
+    message = (
         "pillar shadowsocks:tuning:profile: unknown profile 'turbo' "
-        "(known: bbr, edge, high-latency, low-latency, low-memory)"
+        "(known: bbr, edge, high-latency, low-latency, low-memory)\n"
+        "Nothing was changed: fix the pillar (or arguments) above"
     )
+    assert states["ss-edge"][SYSCTL_ID]["result"] is False
+    for sid, failed in states["ss-edge"].items():
+        assert failed["result"] is False and failed["changes"] == {}, (sid, failed)
+        assert failed["comment"] == message, (sid, failed["comment"])
+    assert len(states["ss-edge"]) == 6, list(states["ss-edge"])
     assert snapshot(edge) == edge_before, "the failing minion changed its kernel"
-    # nothing else failed on ss-edge: only the sysctl state names the problem
-    assert [sid for sid, r in states["ss-edge"].items() if r["result"] is not True] == [SYSCTL_ID]
+    assert supervisor.read_bytes() == edge_file, "the failing minion changed an open-file limit"
 
     for mid in ("ss-bbr", "ss-lowmem"):
         assert all(r["result"] is True for r in states[mid].values()), (mid, states[mid])
@@ -291,10 +327,12 @@ def test_an_unknown_profile_fails_that_minion_alone(fleet_salt_cli, synced, flee
         assert fleet_net.node(mid).read_sysctl("net.ipv4.tcp_keepalive_time") == "1200"
 
 
-def test_edge_recovers_once_its_pillar_is_fixed(fleet_salt_cli, synced, fleet_net):
+def test_edge_recovers_once_its_pillar_is_fixed(fleet_salt_cli, synced, fleet_net, fleet_tuning_sandbox):
     ret = apply(fleet_salt_cli)
     assert ret.returncode == 0, ret
     assert fleet_net.node("ss-edge").read_sysctl("net.ipv4.tcp_keepalive_time") == "600"
+    supervisor = fleet_tuning_sandbox("ss-edge").limit_file("supervisor")
+    assert f"ulimit -n {TUNING['ss-edge']['nofile']}" in supervisor.read_text()
     assert fleet_salt_cli.run("shadowsocks_tuning.verify", minion_tgt="*").returncode == 0
 
 

@@ -1,4 +1,4 @@
-"""Issue 4, item 3, with real parts: Debian's supervisord started through its
+"""With real parts: Debian's supervisord started through its
 init script runs ss-server on loopback; `state.apply shadowsocks.tuning`
 raises the limit that really reaches ss-server, and more than 1024
 connections through ss-local all echo without a `too many open files`.
@@ -19,16 +19,20 @@ import subprocess
 
 import pytest
 
-import shadowsocks_tuning as engine
+import sstuning_limits
+import sstuning_procfs as procfs
 from support import ssrig
+from support.common import in_netns
 
 pytestmark = pytest.mark.slow
 
-CHECK = "shadowsocks-tuning-nofile-check"
+SYSCTL = "shadowsocks-tuning-sysctl"
+SUPERVISOR = "shadowsocks-tuning-nofile-supervisor"
+SSLIBEV = "shadowsocks-tuning-nofile-shadowsocks-libev"
+INIT_SCRIPTS = "shadowsocks-tuning-nofile-init-scripts"
+UNITS = "shadowsocks-tuning-nofile-units"
 VERIFY = "shadowsocks-tuning-nofile-verify"
-RESTART = "shadowsocks-tuning-supervisor-restart"
-FILE_STATES = ("shadowsocks-tuning-supervisor-ulimit", "shadowsocks-tuning-supervisor-minfds")
-MAXFD = "shadowsocks-tuning-shadowsocks-libev-maxfd"
+LIMIT_STATES = (SUPERVISOR, SSLIBEV, INIT_SCRIPTS, UNITS)
 MANAGED = ("/etc/default/supervisor", "/etc/supervisor/supervisord.conf", "/etc/default/shadowsocks-libev")
 CONF_D = "/etc/supervisor/conf.d"
 SSLIBEV_PIDFILE = "/var/run/shadowsocks-libev/shadowsocks-libev.pid"
@@ -89,8 +93,8 @@ def put_back(saved):
 
 
 def system_supervisord_running():
-    pid = engine._pid_from(ssrig.SystemSupervisor.PIDFILE)
-    return bool(pid and ssrig.pid_alive(pid) and "supervisord" in " ".join(engine._proc_argv(pid)))
+    pid = procfs.pid_from(ssrig.SystemSupervisor.PIDFILE)
+    return bool(pid and ssrig.pid_alive(pid) and "supervisord" in " ".join(procfs.proc_argv(pid)))
 
 
 def wait_for_new_ss_server(rig, old, timeout=20):
@@ -120,7 +124,7 @@ def real_parts():
         pytest.skip("Debian's /etc/init.d/supervisor is missing (apt-get install -y supervisor)")
     if system_supervisord_running():
         pytest.skip("the system supervisord already runs: this test would stop and start it")
-    pid = engine._pid_from(SSLIBEV_PIDFILE)
+    pid = procfs.pid_from(SSLIBEV_PIDFILE)
     if pid and ssrig.pid_alive(pid):
         pytest.skip("the shadowsocks-libev service runs: this test would edit its MAXFD under it")
     saved = snapshot()
@@ -134,12 +138,11 @@ def real_parts():
             os.utime(directory, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def test_supervised_ss_server_gets_the_limit_and_holds_the_connections(make_masterless, real_parts, monkeypatch):
-    monkeypatch.setattr(engine, "__opts__", {}, raising=False)
+def test_supervised_ss_server_gets_the_limit_and_holds_the_connections(make_masterless, real_parts):
     saved = real_parts
     minion = make_masterless()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    grant = engine.nofile_grantable()
+    grant = sstuning_limits.grantable("/proc/sys")  # what salt-call, started from here, can grant
     nofile = 16384
     assert nofile <= grant["limit"], f"this box cannot grant {nofile}: {grant['reason']}"
     ss_pids = []
@@ -166,20 +169,29 @@ def test_supervised_ss_server_gets_the_limit_and_holds_the_connections(make_mast
             # test=True predicts, changes nothing, restarts nothing.
             pillar(nofile)
             predicted = states(minion.run("state.apply", "shadowsocks.tuning", "test=True"))
-            assert predicted[CHECK]["result"] is True, predicted[CHECK]["comment"]
-            for sid in FILE_STATES + (RESTART,):
-                assert predicted[sid]["result"] is None and predicted[sid]["changes"], (sid, predicted[sid])
-            # Debian's own MAXFD=32768 is above the 16384 asked for: kept, never lowered.
-            assert predicted[MAXFD]["result"] is True and not predicted[MAXFD]["changes"]
-            assert f"MAXFD 32768 kept (higher than {nofile}" in predicted[MAXFD]["comment"]
+            sup_changes = predicted[SUPERVISOR]["changes"]
+            assert predicted[SUPERVISOR]["result"] is None, predicted[SUPERVISOR]["comment"]
+            assert sorted(sup_changes) == ["/etc/default/supervisor", "/etc/supervisor/supervisord.conf",
+                                           "service supervisor"], sup_changes
+            assert sup_changes["/etc/default/supervisor"]["new"] == str(nofile)
+            assert sup_changes["service supervisor"] == {"old": f"running (pid {sup_pid})",
+                                                         "new": "stopped and started"}
+            # Debian's own MAXFD=32768 is above the 16384 asked for: kept, never
+            # lowered, so shadowsocks-libev is not touched either.
+            assert predicted[SSLIBEV]["result"] is True and not predicted[SSLIBEV]["changes"], predicted[SSLIBEV]
+            assert f"MAXFD 32768 kept (higher than {nofile}" in predicted[SSLIBEV]["comment"]
+            for sid in (INIT_SCRIPTS, UNITS):
+                assert predicted[sid]["result"] is True and not predicted[sid]["changes"], (sid, predicted[sid])
             assert snapshot() == original and server.supervisord_pid() == sup_pid
 
             # The state: files changed, supervisor stopped then started, limit in /proc.
             applied = states(minion.run("state.apply", "shadowsocks.tuning"))
-            for sid in (CHECK, RESTART, VERIFY) + FILE_STATES:
+            for sid in (SYSCTL, VERIFY) + LIMIT_STATES:
                 assert applied[sid]["result"] is True, (sid, applied[sid]["comment"])
-            assert applied[RESTART]["changes"]["supervisor"]["old"] == f"running (pid {sup_pid})"
-            assert "none of the onchanges reqs changed" in applied["shadowsocks-tuning-shadowsocks-libev-restart"]["comment"]
+            # exactly what test=True announced, the service's new pid aside
+            assert sorted(applied[SUPERVISOR]["changes"]) == sorted(sup_changes)
+            assert applied[SUPERVISOR]["changes"]["service supervisor"]["old"] == f"running (pid {sup_pid})"
+            assert not applied[SSLIBEV]["changes"], applied[SSLIBEV]  # nothing changed: not restarted
             new_sup = server.supervisord_pid()
             assert new_sup and new_sup != sup_pid
             new_ss = wait_for_new_ss_server(rig, ss_pid)
@@ -197,21 +209,25 @@ def test_supervised_ss_server_gets_the_limit_and_holds_the_connections(make_mast
 
             # Idempotent: nothing to change, supervisor left alone.
             again = states(minion.run("state.apply", "shadowsocks.tuning"))
-            for sid in (CHECK, RESTART, VERIFY) + FILE_STATES:
+            for sid in (VERIFY,) + LIMIT_STATES:
                 assert again[sid]["result"] is True and not again[sid]["changes"], (sid, again[sid])
             assert server.supervisord_pid() == new_sup
             after_apply = snapshot()
 
-            # 51200 is above what this box grants: the cap, said plainly, nothing changed.
+            # 51200 is above what this box grants: the cap, said plainly, and
+            # nothing changed, in either half (the whole tuning is checked first).
             if grant["limit"] < 51200:
                 pillar(51200)
+                # a sysctl changed behind Salt's back, for the kernel half to put back
+                in_netns(minion.netns, "sysctl", "-q", "-w", "net.ipv4.tcp_keepalive_time=7200", check=True)
                 capped = states(minion.run("state.apply", "shadowsocks.tuning"))
-                check = capped[CHECK]
-                assert check["result"] is False
-                assert "nofile 51200 cannot be granted here" in check["comment"]
-                assert f"hard open-file limit of {grant['hard']} and without CAP_SYS_RESOURCE" in check["comment"]
-                for sid in FILE_STATES:
-                    assert capped[sid]["result"] is False and not capped[sid]["changes"]
+                assert minion.read("net.ipv4.tcp_keepalive_time") == "7200", "the kernel half wrote anyway"
+                for sid in (SYSCTL,) + LIMIT_STATES:
+                    comment = capped[sid]["comment"]
+                    assert capped[sid]["result"] is False and not capped[sid]["changes"], (sid, capped[sid])
+                    assert "pillar shadowsocks:tuning:nofile: 51200 cannot be granted here" in comment, (sid, comment)
+                    assert f"hard open-file limit of {grant['hard']} and without CAP_SYS_RESOURCE" in comment
+                    assert comment.endswith("Nothing was changed"), (sid, comment)
                 verify = capped[VERIFY]
                 assert verify["result"] is False
                 assert f"ss-server (pid {new_ss}): soft {nofile}, hard {nofile}" in verify["comment"]

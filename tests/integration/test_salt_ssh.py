@@ -1,7 +1,8 @@
 """salt-ssh on a single box, no minion installed: `salt-ssh box state.apply
 shadowsocks.tuning` with this repository's salt/ tree in the master config's
 file_roots, pillar from the master's pillar_roots, and the custom modules
-shipped by salt-ssh itself (no saltutil.sync_all).
+and the flat engine files of _utils/ shipped by salt-ssh itself (no
+saltutil.sync_all, no package installed on the box).
 
 The box is a network namespace: its sshd is started by `ip netns exec` (the
 harness's fleet_ssh_netns), so salt-ssh's remote salt-call and every sysctl
@@ -12,10 +13,13 @@ minion_opts + pillar)."""
 import json
 import os
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from support.common import REPO
 
 pytestmark = [
     pytest.mark.slow,
@@ -24,6 +28,8 @@ pytestmark = [
 
 HOST_NETNS = os.readlink("/proc/self/ns/net")
 SYSCTL_ID = "shadowsocks_tuning_|-shadowsocks-tuning-sysctl_|-shadowsocks-tuning-sysctl_|-tuned"
+# The engine files in _utils/, flat modules the execution module imports by name.
+ENGINES = sorted(path.stem for path in (REPO / "_utils").glob("sstuning_*.py"))
 # What the box's pillar asks for (profile bbr + overrides), per-namespace keys.
 BOX_WANTS = {
     "net.core.somaxconn": "8192",
@@ -107,6 +113,12 @@ def test_state_apply_through_salt_ssh(fleet_salt_ssh_cli, box, box_sandbox, flee
     states = _states(predicted)
     assert predicted.returncode == 0, predicted
     assert states[SYSCTL_ID]["result"] is None, states[SYSCTL_ID]
+    # The states name no path: what they would write is in their predicted
+    # changes, all in the sandbox, the open-file-limit files included.
+    assert fleet_paths_outside(states, box_sandbox.root) == []
+    predicted_paths = {key for ret in states.values() for key in ret["changes"]}
+    assert {str(box_sandbox.limit_file(name)) for name in ("supervisor", "supervisord.conf", "shadowsocks-libev")} \
+        <= predicted_paths, predicted_paths
     assert _snapshot(box) == before, "test=True wrote the kernel"
     assert not box_sandbox.config.exists(), "test=True wrote the file"
 
@@ -164,6 +176,34 @@ def test_drift_is_reported_through_salt_ssh(fleet_salt_ssh_cli, box, box_sandbox
     assert _changes(_states(fixed)) == {
         SYSCTL_ID: {"net.ipv4.tcp_fin_timeout": {"old": "45", "new": "20"}}}
     assert box.read_sysctl("net.ipv4.tcp_fin_timeout") == "20"
+
+
+def test_the_engines_are_shipped_as_flat_utils_files(fleet_salt_ssh_cli, fleet_workdir):
+    """salt-ssh copies _utils/*.py to the box with the modules (there is no
+    saltutil.sync_all), and the execution module works from those copies:
+    the box has no installed package to fall back on."""
+    loaded = fleet_salt_ssh_cli.run("shadowsocks_tuning.settings")
+    assert loaded.returncode == 0, loaded  # the module loaded: its engines were importable
+    assert loaded.data["nofile"] == 51200, loaded.data  # the default: plain calls get no pillar (see below)
+
+    extmods = fleet_salt_ssh_cli.run("config.get", "extension_modules")
+    assert extmods.returncode == 0, extmods
+    utils = Path(extmods.data) / "utils"
+    thin = fleet_workdir / "thin_box"
+    assert utils.is_relative_to(thin), (utils, thin)  # the box's copy, not this checkout
+    assert sorted(p.stem for p in utils.glob("sstuning_*.py")) == ENGINES
+    for name in ENGINES:
+        assert (utils / f"{name}.py").read_bytes() == (REPO / "_utils" / f"{name}.py").read_bytes(), name
+
+    # Nothing else could have served them: no pip-installed copy in the thin
+    # or in the Python that runs it on the box.
+    assert not list(thin.rglob("saltext_shadowsocks_tuning*")), "the thin carries the pip package"
+    python = fleet_salt_ssh_cli.run("grains.get", "pythonexecutable")
+    assert python.returncode == 0 and python.data, python
+    # (from /, so that this checkout's own directory is not on its path)
+    probe = subprocess.run([python.data, "-c", "import saltext_shadowsocks_tuning"], capture_output=True, text=True,
+                           cwd="/")
+    assert probe.returncode != 0 and "No module named" in probe.stderr, probe
 
 
 def test_plain_module_calls_do_not_get_the_master_pillar(fleet_salt_ssh_cli):
