@@ -42,7 +42,7 @@ __func_alias__ = {"set_": "set"}
 # the global sys.modules with everything else, hence the prefix.
 UTILS = (
     "sstuning_catalogue", "sstuning_settings", "sstuning_procfs", "sstuning_journal", "sstuning_sysctld",
-    "sstuning_lines", "sstuning_services", "sstuning_sysctl", "sstuning_limits",
+    "sstuning_lines", "sstuning_services", "sstuning_ports", "sstuning_sysctl", "sstuning_limits",
 )
 
 
@@ -371,9 +371,11 @@ def apply(profile=None, sysctls=None, config=None, force=None, policy=None, cong
         resolved, opts, sysctls_plan, _, errors = _prepare(arguments, test=False)
         if errors:
             _fail(errors)
-        for path in (resolved["config"], journal.originals_path(state_dir),
-                     os.path.join(opts["modules_load_dir"], sysctl_engine.MODULES_LOAD_NAME)):
-            journal.remove_stray_temporaries(path)
+        if sysctls_plan["changes"]:
+            # Left by a run that died between write and rename; only a run that writes tidies up.
+            for path in (resolved["config"], journal.originals_path(state_dir),
+                         os.path.join(opts["modules_load_dir"], sysctl_engine.MODULES_LOAD_NAME)):
+                journal.remove_stray_temporaries(path)
         result = sysctl_engine.apply(resolved, opts, sysctls_plan)
     return {key: result[key] for key in ("changes", "comment", "errors", "profile")}
 
@@ -398,6 +400,26 @@ def verify(profile=None, sysctls=None, config=None, force=None):
     if not report["ok"]:
         __context__["retcode"] = 1
     return report
+
+
+def explain(profile=None):
+    """
+    Say, per key of the recipe and of the profile, what the tuning does on
+    this kernel and why: the recipe's value, the live value, the profile's
+    value, the action (``set``, ``in place``, ``kept`` higher or chosen by the
+    admin, ``lowered`` on purpose, ``merged`` reserved ports, ``satisfied``
+    by a removed key, ``absent``, ``read-only`` global key in a container,
+    ``restricted``) and whether the value is persisted. Writes nothing.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call shadowsocks_tuning.explain
+        salt-call shadowsocks_tuning.explain bbr
+    """
+    resolved, opts = _resolve({"profile": profile})
+    return sysctl_engine.explain(resolved, opts)
 
 
 def clean(test=False):
@@ -479,7 +501,8 @@ def nofile_apply(part=None, test=False):
     ``shadowsocks_libev``, ``init_scripts``, ``units``; all when omitted),
     then stop and start each service whose file changed. Nothing is written
     when any part of the pillar is invalid or a named file is missing.
-    Returns ``{"files": [...], "restarts": [...]}``.
+    Returns ``{"files": [...], "restarts": [...], "errors": [...]}``:
+    ``errors`` names each service that did not come back.
 
     CLI Example:
 
@@ -496,18 +519,19 @@ def nofile_apply(part=None, test=False):
         resolved, opts, _, planned, errors = _prepare(arguments, test=True)
         if errors:
             _fail(errors)
-        files, restarts = [], []
+        files, restarts, failed = [], [], []
         for name in parts:
             try:
                 done = limits_engine.apply_part(resolved, opts, planned["parts"][name], bool(test))
-            except CommandExecutionError as exc:
+            except CommandExecutionError as exc:  # a file could not be written
                 written = [item["path"] for item in limits_engine.written(planned["parts"][name])]
                 raise CommandExecutionError(f"{exc} (written before that: {', '.join(written) or 'nothing'})")
             files.extend(done[0])
             restarts.extend(done[1])
+            failed.extend(done[2])
     for item in files:
         item.pop("text", None)
-    return {"nofile": resolved["nofile"], "files": files, "restarts": restarts}
+    return {"nofile": resolved["nofile"], "files": files, "restarts": restarts, "errors": failed}
 
 
 def _one_file(target, nofile, test, force):

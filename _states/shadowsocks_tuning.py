@@ -185,7 +185,9 @@ def limits_applied(name, part):
             ret["changes"][f"service {restarted['name']}"] = {"old": restarted["old"], "new": restarted["new"]}
     if not comments:
         comments.append(f"{part}: nothing installed to manage, or turned off in pillar")
-    ret["comment"] = "\n".join(comments)
+    ret["comment"] = "\n".join(outcome["errors"] + comments)
+    if outcome["errors"]:
+        return ret  # the files written stay in `changes`
     ret["result"] = None if test and ret["changes"] else True
     return ret
 
@@ -343,6 +345,15 @@ def nofile_reached(name, nofile=None, pidfiles=None, names=None, wait=None):
     """
     ret = _limit_ret(name)
     try:
+        # The same whole check as every other state: a bad pillar or a missing
+        # target anywhere fails this one too.
+        check = __salt__["shadowsocks_tuning.nofile_check"](nofile=nofile)
+        if check["errors"]:
+            lines = check["errors"]
+            if check["nofile"]:  # the pillar resolved: what the daemons run with still helps
+                lines = lines + [__salt__["shadowsocks_tuning.nofile"](wanted=nofile, names=names)["comment"]]
+            ret["comment"] = "\n".join(lines)
+            return ret
         if pidfiles is None or wait is None:
             verify = __salt__["shadowsocks_tuning.settings"](nofile=nofile)["verify"]
             pidfiles = verify["pidfiles"] if pidfiles is None else pidfiles

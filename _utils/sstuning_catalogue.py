@@ -3,8 +3,8 @@ What this package knows about sysctls, and its profiles: the one source of
 truth that the settings, the engines, the states and the docs all read.
 
 Pure data and pure functions (no Salt dunders, no I/O): validate a key name,
-bring a value into the kernel's text form, and the one "keep the higher value"
-rule that both sysctls and open-file limits follow.
+bring a value into the kernel's text form, and the one "never worse than what
+is there" rule that both sysctls and open-file limits follow.
 """
 
 import re
@@ -17,11 +17,15 @@ from salt.exceptions import SaltInvocationError
 #   scope     netns (per network namespace) | global (host only; a container
 #             sees it absent or read-only)
 #   min, max  bounds of each integer field
-#   capacity  never lowered unless forced; for a triple only its max field
+#   more      per field, which way is more capacity: "up" (higher is more)
+#             or "down" (the low end of a port range). A key with `more` is
+#             never made worse than the running kernel has it, unless a
+#             profile lowers it on purpose (`lower`) or pillar forces it.
 #   removed   kernel (major, minor) that removed the key
 #   refuse    {value: why} values refused outright
 #   module    word value -> kernel module prefix that provides it
 #   doc       what it does, shown by `catalogue` and in the README
+#   source    where the kernel's behaviour behind `more` is documented
 # --------------------------------------------------------------------------
 INT_MAX = 2**31 - 1
 LONG_MAX = 2**63 - 1
@@ -33,18 +37,28 @@ def _key(type_, scope, doc, lo=0, hi=INT_MAX, **extra):
     return spec
 
 
+UP, DOWN = "up", "down"
+TRIPLE_UP = (UP, UP, UP)
+
 CATALOGUE = {
-    "fs.file-max": _key("int", "global", "system-wide maximum of open files", 1, LONG_MAX, capacity=True),
-    "fs.nr_open": _key("int", "global", "per-process ceiling for RLIMIT_NOFILE", 1024, INT_MAX, capacity=True),
-    "net.core.rmem_max": _key("int", "global", "maximum socket receive buffer (bytes)", 4096, INT_MAX, capacity=True),
-    "net.core.wmem_max": _key("int", "global", "maximum socket send buffer (bytes)", 4096, INT_MAX, capacity=True),
-    "net.core.rmem_default": _key("int", "global", "default socket receive buffer (bytes)", 4096, INT_MAX),
-    "net.core.wmem_default": _key("int", "global", "default socket send buffer (bytes)", 4096, INT_MAX),
-    "net.core.netdev_max_backlog": _key("int", "global", "maximum processor input queue", 1, INT_MAX, capacity=True),
-    "net.core.somaxconn": _key("int", "netns", "maximum listen() backlog", 1, INT_MAX, capacity=True),
+    "fs.file-max": _key("int", "global", "system-wide maximum of open files", 1, LONG_MAX, more=(UP,),
+                        source="RAM-derived by the kernel (files_maxfiles_init); systemd may set LONG_MAX"),
+    "fs.nr_open": _key("int", "global", "per-process ceiling for RLIMIT_NOFILE", 1024, INT_MAX, more=(UP,)),
+    "net.core.rmem_max": _key("int", "global", "maximum socket receive buffer an application may ask for (bytes)",
+                              4096, INT_MAX, more=(UP,), source="socket(7): caps SO_RCVBUF; TCP autotuning follows tcp_rmem"),
+    "net.core.wmem_max": _key("int", "global", "maximum socket send buffer an application may ask for (bytes)",
+                              4096, INT_MAX, more=(UP,), source="socket(7): caps SO_SNDBUF; TCP autotuning follows tcp_wmem"),
+    "net.core.rmem_default": _key("int", "global", "default socket receive buffer, UDP relay sockets included (bytes)",
+                                  4096, INT_MAX, more=(UP,), source="socket(7)"),
+    "net.core.wmem_default": _key("int", "global", "default socket send buffer, UDP relay sockets included (bytes)",
+                                  4096, INT_MAX, more=(UP,), source="socket(7)"),
+    "net.core.netdev_max_backlog": _key("int", "global", "maximum processor input queue", 1, INT_MAX, more=(UP,)),
+    "net.core.somaxconn": _key("int", "netns", "maximum listen() backlog", 1, INT_MAX, more=(UP,),
+                               source="4096 by default since Linux 5.4 (commit 19f92a030ca6)"),
     "net.core.default_qdisc": _key("word", "global", "queueing discipline of new interfaces", module="sch_"),
     "net.ipv4.tcp_syncookies": _key("int", "netns", "SYN cookies against SYN floods", 0, 2),
-    "net.ipv4.tcp_tw_reuse": _key("int", "netns", "reuse TIME-WAIT sockets for new outbound connections", 0, 2),
+    "net.ipv4.tcp_tw_reuse": _key("int", "netns", "reuse TIME-WAIT sockets for new outbound connections "
+                                  "(2: loopback only, the default; 1: all)", 0, 2),
     "net.ipv4.tcp_tw_recycle": _key(
         "int", "netns", "fast TIME-WAIT recycling (removed in Linux 4.12)", 0, 1,
         removed=(4, 12),
@@ -52,17 +66,36 @@ CATALOGUE = {
     ),
     "net.ipv4.tcp_fin_timeout": _key("int", "netns", "seconds an orphaned connection stays in FIN-WAIT-2", 1, INT_MAX),
     "net.ipv4.tcp_keepalive_time": _key("int", "netns", "seconds before the first keepalive probe", 1, 32767),
-    "net.ipv4.ip_local_port_range": _key("range", "netns", "ports used for outbound connections", 1, 65535),
-    "net.ipv4.tcp_max_syn_backlog": _key("int", "netns", "queue of half-open connections", 1, INT_MAX, capacity=True),
-    "net.ipv4.tcp_max_tw_buckets": _key("int", "netns", "maximum TIME-WAIT sockets", 0, INT_MAX),
+    "net.ipv4.ip_local_port_range": _key("range", "netns", "ports used for outbound connections", 1, 65535,
+                                         more=(DOWN, UP),
+                                         source="ends of different parity let connect() and bind() split the range "
+                                                "(kernel commit 07f4c90062f8)"),
+    "net.ipv4.ip_local_reserved_ports": _key("ports", "netns", "ports never picked for outbound connections: the "
+                                             "ports shadowsocks listens on", 1, 65535),
+    "net.ipv4.tcp_max_syn_backlog": _key("int", "netns", "queue of half-open connections", 1, INT_MAX, more=(UP,)),
+    "net.ipv4.tcp_max_tw_buckets": _key("int", "netns", "maximum TIME-WAIT sockets", 0, INT_MAX, more=(UP,),
+                                        source="scales with RAM (tcp_init); lower gives 'time wait bucket table overflow'"),
     "net.ipv4.tcp_fastopen": _key("int", "netns", "TCP Fast Open (1 client, 2 server, 3 both)", 0, 0xFFFF),
-    "net.ipv4.tcp_rmem": _key("triple", "netns", "TCP receive buffer: min default max (bytes)", 1, INT_MAX, capacity=True),
-    "net.ipv4.tcp_wmem": _key("triple", "netns", "TCP send buffer: min default max (bytes)", 1, INT_MAX, capacity=True),
+    "net.ipv4.tcp_rmem": _key("triple", "netns", "TCP receive buffer: min default max (bytes)", 1, INT_MAX,
+                              more=TRIPLE_UP, source="the default field is 131072 on recent kernels"),
+    "net.ipv4.tcp_wmem": _key("triple", "netns", "TCP send buffer: min default max (bytes)", 1, INT_MAX,
+                              more=TRIPLE_UP),
     "net.ipv4.tcp_mtu_probing": _key("int", "netns", "packetization-layer path MTU discovery", 0, 2),
+    "net.ipv4.tcp_notsent_lowat": _key("int", "netns", "unsent bytes a socket may queue before it is not writable; "
+                                       "16384 is BBR's usual companion", 1, 2**32 - 1),
     "net.ipv4.tcp_congestion_control": _key("word", "netns", "congestion control of new connections", module="tcp_"),
 }
 
 CONGESTION_KEY = "net.ipv4.tcp_congestion_control"
+RESERVED_PORTS_KEY = "net.ipv4.ip_local_reserved_ports"
+
+SUPERVISORD_NAME = "supervisord"
+# Server and client programs of shadowsocks-libev, shadowsocks (Python) and
+# shadowsocks-rust, by process name.
+SS_PROCESS_NAMES = (
+    "ss-server", "ss-local", "ss-manager", "ss-redir", "ss-tunnel", "ss-nat",
+    "ssserver", "sslocal", "ssmanager", "ssservice", "ssredir", "sstunnel",
+)
 
 # --------------------------------------------------------------------------
 # Profiles: data with `include`. Pillar may add profiles of its own
@@ -91,36 +124,56 @@ RECIPE = {
     "net.ipv4.tcp_congestion_control": "hybla",
 }
 
+# The recipe, corrected only where a 2014 line is wrong on any kernel: the
+# port range gets ends of different parity (the kernel warns on the same
+# parity), and the ports shadowsocks listens on are reserved from it.
+BASE = dict(RECIPE, **{
+    "net.ipv4.ip_local_port_range": "10000 65001",
+    "net.ipv4.ip_local_reserved_ports": [],  # merged with what is there and the shadowsocks ports found
+})
+
+# A profile: `sysctls`, optionally `include` (a parent), `lower` ({key: why}:
+# this profile lowers that key below the running kernel on purpose; for a
+# triple only its max field) and `kernel_default` (keys whose value is just
+# the kernel's default: a different live value chosen by the admin is kept).
 PROFILES = {
     "high-latency": {
-        "description": "the Optimizing Shadowsocks recipe as written, with hybla for long, lossy paths",
-        "sysctls": RECIPE,
+        "description": "the Optimizing Shadowsocks recipe, with hybla for long, lossy paths",
+        "sysctls": BASE,
     },
     "low-latency": {
-        "description": "the recipe with cubic, the kernel default, for short paths",
+        "description": "the recipe with the kernel's default congestion control (cubic), for short paths",
         "include": "high-latency",
         "sysctls": {CONGESTION_KEY: "cubic"},
+        "kernel_default": [CONGESTION_KEY],
     },
     "low-memory": {
-        "description": "low-latency with 4 MiB buffer ceilings instead of 64 MiB, for small VPSes",
+        "description": "low-latency with 4 MiB buffer ceilings instead of 64 MiB and half the queues, for small VPSes",
         "include": "low-latency",
         "sysctls": {
-            # 4 MiB per socket still fills a 100 Mbit/s path at 300 ms RTT
-            # while a thousand busy sockets stay under 4 GiB of kernel memory.
             "net.core.rmem_max": 4194304,
             "net.core.wmem_max": 4194304,
-            # The kernel's own defaults for the min and default fields.
             "net.ipv4.tcp_rmem": "4096 87380 4194304",
             "net.ipv4.tcp_wmem": "4096 16384 4194304",
-            # Half the recipe's queues: fewer pending sockets held in RAM.
             "net.core.netdev_max_backlog": 2048,
             "net.ipv4.tcp_max_syn_backlog": 2048,
         },
+        "lower": {
+            # 4 MiB per socket still fills a 100 Mbit/s path at 300 ms RTT
+            # while a thousand busy sockets stay under 4 GiB of kernel memory.
+            "net.core.rmem_max": "4 MiB buffer ceiling: bounds kernel memory on a small VPS",
+            "net.core.wmem_max": "4 MiB buffer ceiling: bounds kernel memory on a small VPS",
+            "net.ipv4.tcp_rmem": "4 MiB buffer ceiling: bounds kernel memory on a small VPS",
+            "net.ipv4.tcp_wmem": "4 MiB buffer ceiling: bounds kernel memory on a small VPS",
+            # Half the recipe's queues: fewer pending sockets held in RAM.
+            "net.core.netdev_max_backlog": "half the recipe's queue: fewer pending packets held in RAM",
+            "net.ipv4.tcp_max_syn_backlog": "half the recipe's queue: fewer half-open sockets held in RAM",
+        },
     },
     "bbr": {
-        "description": "low-latency with BBR and the fq qdisc it is paced with (Linux >= 4.9)",
+        "description": "low-latency with BBR, the fq qdisc it is paced with, and tcp_notsent_lowat 16384 (Linux >= 4.9)",
         "include": "low-latency",
-        "sysctls": {"net.core.default_qdisc": "fq", CONGESTION_KEY: "bbr"},
+        "sysctls": {"net.core.default_qdisc": "fq", CONGESTION_KEY: "bbr", "net.ipv4.tcp_notsent_lowat": 16384},
     },
 }
 DEFAULT_PROFILE = "low-latency"
@@ -212,6 +265,8 @@ def normalise(key, value, where=""):
         if not isinstance(value, str) or not _WORD.match(value.strip()):
             raise SaltInvocationError(f"{where}{key}: {value!r} is not a name like 'cubic' (a-z, 0-9, _)")
         text = value.strip()
+    elif kind == "ports":
+        text = ports_text(parse_ports(value, f"{where}{key}"))
     else:
         count = {"int": 1, "range": 2, "triple": 3}[kind]
         text = " ".join(str(n) for n in _ints(key, value, count, spec, where))
@@ -238,41 +293,105 @@ def _normalise_foreign(key, value, where):
 
 
 
+_PORT_ITEM = re.compile(r"^([0-9]{1,5})(?:-([0-9]{1,5}))?\Z")
+
+
+def parse_ports(value, where="ports"):
+    """A set of ports from ``8388``, ``"8388,9000-9010"`` (the kernel's form)
+    or a list of ports and ``"a-b"`` ranges."""
+    if isinstance(value, bool) or value is None:
+        raise SaltInvocationError(f"{where}: {value!r} is not a port list such as [8388, '9000-9010']")
+    if isinstance(value, int):
+        items = [str(value)]
+    elif isinstance(value, str):
+        items = [item.strip() for item in value.replace(" ", ",").split(",") if item.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = []
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, (int, str)):
+                raise SaltInvocationError(f"{where}: {item!r} is not a port or a range 'a-b'")
+            items.append(str(item).strip())
+    else:
+        raise SaltInvocationError(f"{where}: {value!r} is not a port list such as [8388, '9000-9010']")
+    ports = set()
+    for item in items:
+        match = _PORT_ITEM.match(item)
+        low = int(match.group(1)) if match else 0
+        high = int(match.group(2) or low) if match else 0
+        if not match or not 1 <= low <= high <= 65535:
+            raise SaltInvocationError(f"{where}: {item!r} is not a port (1..65535) or a range 'a-b' with a <= b")
+        ports.update(range(low, high + 1))
+    return ports
+
+
+def ports_text(ports):
+    """The kernel's form of a port set: ``8388,9000-9010`` (empty: ``""``)."""
+    out, ordered = [], sorted(ports)
+    start = prev = None
+    for port in ordered + [None]:
+        if port is not None and prev is not None and port == prev + 1:
+            prev = port
+            continue
+        if start is not None:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = port
+    return ",".join(out)
+
+
 def absent_is_satisfied(key, text):
     """Wanting `0` of a key the kernel removed (tcp_tw_recycle) is already true."""
     return "removed" in CATALOGUE.get(key, {}) and text == "0"
 
 
-def keep_higher(key, wanted, live):
-    """The one "keep the higher value" rule, for capacity sysctls and open-file
-    limits alike: returns (target, note). ``target`` is ``wanted``, except
-    that a limit already above it is kept (for a triple only its max field);
-    ``note`` says what was kept, or is None. ``key`` None means a plain
-    number (an open-file limit in a file)."""
-    spec = CATALOGUE.get(key, {}) if key else {"capacity": True, "type": "int"}
-    if not spec.get("capacity") or live is None:
+def keep_higher(key, wanted, live, lower=False):
+    """The one "never worse than what is there" rule, for sysctls and open-file
+    limits in files alike: returns (target, note). Each field of ``wanted``
+    that would give less capacity than ``live`` (by the catalogue's `more`
+    directions) is kept at its live value; ``note`` says what was kept, or is
+    None. ``lower`` lets the ceiling field go down (a profile's documented
+    choice): the max of a triple, the value of a plain key. ``key`` None means
+    a plain number (an open-file limit in a file)."""
+    directions = CATALOGUE.get(key, {}).get("more") if key else (UP,)
+    if not directions or live is None:
         return wanted, None
     try:
         want = [int(x) for x in str(wanted).split()]
         have = [int(x) for x in str(live).split()]
     except ValueError:
         return wanted, None
-    label = f"{key}: " if key else ""
-    if spec["type"] == "triple" and len(have) == 3 and len(want) == 3:
-        if have[2] > want[2]:
-            return f"{want[0]} {want[1]} {have[2]}", f"{label}kept max {have[2]} (higher than {want[2]})"
+    if len(want) != len(directions) or len(have) != len(directions):
         return wanted, None
-    if len(have) == 1 and len(want) == 1 and have[0] > want[0]:
-        return str(live), f"{label}kept {live} (higher than {wanted})"
-    return wanted, None
+    target, kept = [], []
+    for index, (w, h, more) in enumerate(zip(want, have, directions)):
+        ceiling = index == len(directions) - 1
+        worse = (w < h) if more == UP else (w > h)
+        if worse and not (lower and ceiling):
+            target.append(h)
+            kept.append(f"{_FIELDS.get(len(directions), ('',))[index]}{h}".strip())
+        else:
+            target.append(w)
+    if not kept:
+        return wanted, None
+    text = " ".join(str(n) for n in target)
+    label = f"{key}: " if key else ""
+    if text == str(live):
+        return text, f"{label}kept {live} (the profile's {wanted} would be less)"
+    return text, f"{label}kept {', '.join(kept)} of {live} (the profile's {wanted} would be less)"
+
+
+_FIELDS = {1: ("",), 2: ("low ", "high "), 3: ("min ", "default ", "max ")}
 
 
 def describe():
-    """The catalogue as plain data for output: removal versions as text."""
+    """The catalogue as plain data for output: removal versions as text, and
+    `capacity` (never made worse than the kernel has it) where `more` is set."""
     out = {}
     for key, spec in CATALOGUE.items():
         entry = dict(spec)
         if "removed" in entry:
             entry["removed"] = "%d.%d" % entry["removed"]
+        if "more" in entry:
+            entry["more"] = list(entry["more"])
+            entry["capacity"] = True
         out[key] = entry
     return out

@@ -49,14 +49,16 @@ def file_change(path, new_text, old_text=None):
     return {"old": old_text, "new": new_text, "diff": diff}
 
 
-def atomic_write(path, text, mode=None):
-    """Temporary file in the same directory, fsync, rename: the old file or
-    the new one, never half of either. The directory is not fsynced: that
-    would only make the new name durable before the next journal commit (a
-    power cut in between brings back the old, complete file) and costs a
-    journal flush, most of an apply's time under load. ``mode`` None keeps
-    the mode and owner of the file replaced (0644 for a new one), so that an
-    init script stays executable."""
+def atomic_write(path, text, mode=None, durable=True):
+    """Temporary file in the same directory, rename: the old file or the new
+    one, never half of either. ``durable`` fsyncs the data before the rename,
+    so the new content survives a power cut right after; without it a power
+    cut before the next journal commit may bring back the old content (or an
+    empty file where there was none), which is fine for a file the next run
+    rewrites anyway. The directory is never fsynced: that would only make the
+    new name durable earlier. ``mode`` None keeps the mode and owner of the
+    file replaced (0644 for a new one), so that an init script stays
+    executable."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o755, exist_ok=True)
     previous = None
@@ -69,8 +71,9 @@ def atomic_write(path, text, mode=None):
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(text.encode("utf-8", errors="surrogateescape"))
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         if keep_owner and previous is not None and (previous.st_uid, previous.st_gid) != (os.geteuid(), os.getegid()):
             os.chown(tmp, previous.st_uid, previous.st_gid)
         os.chmod(tmp, mode)

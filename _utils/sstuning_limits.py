@@ -20,16 +20,9 @@ import sstuning_journal as journal
 import sstuning_lines as lines
 import sstuning_procfs as procfs
 import sstuning_services as services
-from sstuning_catalogue import keep_higher
+from sstuning_catalogue import SS_PROCESS_NAMES, SUPERVISORD_NAME, keep_higher
 from sstuning_settings import LIMITS, PILLAR
 
-SUPERVISORD_NAME = "supervisord"
-# Server and client programs of shadowsocks-libev, shadowsocks (Python) and
-# shadowsocks-rust, by process name.
-SS_PROCESS_NAMES = (
-    "ss-server", "ss-local", "ss-manager", "ss-redir", "ss-tunnel", "ss-nat",
-    "ssserver", "sslocal", "ssmanager", "ssservice", "ssredir", "sstunnel",
-)
 # Named to sort after `override.conf` (systemctl edit): a later drop-in wins.
 DROPIN_NAME = "shadowsocks-tuning-nofile.conf"
 WHAT = {"ulimit": "ulimit -n", "minfds": "minfds", "assignment": "MAXFD", "dropin": "LimitNOFILE"}
@@ -194,8 +187,9 @@ def restart(opts, name, pidfile, when, init_system, timeout, test):
 def apply_part(settings, opts, planned_part, test):
     """Write the changed files of one part (call under the journal lock),
     then stop and start each service whose file changed. Returns the file
-    results and the restart results."""
-    files, restarts = [], []
+    results, the restart results and the services that failed to come back
+    (each group is independent: one failed restart does not stop the next)."""
+    files, restarts, errors = [], [], []
     for group in planned_part:
         changed = False
         for item in group["files"]:
@@ -205,9 +199,12 @@ def apply_part(settings, opts, planned_part, test):
             changed = changed or item["changed"]
             files.append(item)
         if changed and group["restart"]:
-            restarts.append(restart(opts, group["restart"]["name"], group["restart"]["pidfile"],
-                                    settings["restart"], settings["init_system"], settings["timeout"], test))
-    return files, restarts
+            try:
+                restarts.append(restart(opts, group["restart"]["name"], group["restart"]["pidfile"],
+                                        settings["restart"], settings["init_system"], settings["timeout"], test))
+            except CommandExecutionError as exc:
+                errors.append(str(exc))
+    return files, restarts, errors
 
 
 def written(planned_part):

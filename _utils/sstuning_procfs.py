@@ -34,9 +34,12 @@ for _key in CATALOGUE:
 
 def read(proc_root, key):
     """The live value, normalised. Raises OSError (FileNotFoundError: no such key)."""
-    # Unbuffered bytes: a text wrapper per read costs more than the read.
-    with open(sysctl_path(proc_root, key), "rb", buffering=0) as handle:
-        return normalise_live(handle.read().decode("ascii", "replace"))
+    # Bare file descriptors: a file object per read costs more than the read.
+    fd = os.open(sysctl_path(proc_root, key), os.O_RDONLY)
+    try:
+        return normalise_live(os.read(fd, 65536).decode("ascii", "replace"))
+    finally:
+        os.close(fd)
 
 
 def read_or(proc_root, key, default=None):
@@ -52,7 +55,9 @@ def write(proc_root, key, text):
     # O_TRUNC: harmless on procfs, needed for a proc_root tree of plain files.
     fd = os.open(sysctl_path(proc_root, key), os.O_WRONLY | os.O_TRUNC)
     try:
-        os.write(fd, text.encode("ascii"))
+        # An empty list (no reserved ports) is written as a bare newline: a
+        # zero-byte write changes nothing.
+        os.write(fd, text.encode("ascii") or b"\n")
     finally:
         os.close(fd)
     stored = read(proc_root, key)

@@ -16,7 +16,9 @@ import re
 
 from salt.exceptions import SaltInvocationError
 
-from sstuning_catalogue import CONGESTION_KEY, DEFAULT_PROFILE, PROFILES, normalise, validate_key
+from sstuning_catalogue import (
+    CONGESTION_KEY, DEFAULT_PROFILE, PROFILES, RESERVED_PORTS_KEY, normalise, parse_ports, validate_key,
+)
 
 PILLAR = "shadowsocks:tuning"
 LIMITS = f"{PILLAR}:limits"
@@ -36,6 +38,8 @@ OPTIONS = {
     "systemd_dir": "/etc/systemd/system",
     "unit_dirs": ["/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
                   "/usr/lib/systemd/system", "/lib/systemd/system"],
+    # shadowsocks-libev's JSON configs: their ports are reserved from outbound use.
+    "ss_config_dir": "/etc/shadowsocks-libev",
 }
 
 # Pillar `shadowsocks:tuning`: every key and its default. A pillar mapping is
@@ -49,6 +53,7 @@ DEFAULTS = {
     "force": [],
     "policy": {"unavailable": "warn", "override": "warn", "keys": {}},
     "congestion_fallback": None,
+    "reserved_ports": [],  # more ports to keep out of ip_local_port_range: 8388 or "9000-9010"
     "nofile": 51200,  # the recipe's `ulimit -n 51200`
     "limits": {
         "init_system": "auto",
@@ -79,6 +84,7 @@ DEFAULTS = {
     },
 }
 INIT_SCRIPT_FIELDS = ("path", "service", "pidfile")
+PROFILE_FIELDS = ("description", "include", "sysctls", "lower", "kernel_default")
 # The parts of `limits` a state manages, in the order the SLS applies them.
 LIMITS_PARTS = ("supervisor", "shadowsocks_libev", "init_scripts", "units")
 POLICIES = ("warn", "strict")
@@ -94,7 +100,7 @@ _UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.\\-]+(?:@[A-Za-z0-9:_.\\-]*)?\.service\Z
 # every apply resolves them, and they never change.
 _BUILTIN_TEXT = {
     (f"profile {name}", key, value): normalise(key, value)
-    for name, body in PROFILES.items() for key, value in body["sysctls"].items()
+    for name, body in PROFILES.items() for key, value in body["sysctls"].items() if type(value) in (str, int)
 }
 
 
@@ -274,7 +280,7 @@ def _resolve_sysctls(settings, pick, errors):
         name: body.get("description") or f"custom profile (include: {body.get('include')})" for name, body in known.items()
     }
     name, where = pick("profile")
-    chain, merged = errors.call(resolve_profile, name, known, where) or ([], {})
+    chain, merged, lower, kernel_default = errors.call(resolve_profile, name, known, where) or ([], {}, {}, set())
     settings["profile"] = name if chain else str(name)
     settings["chain"] = chain
 
@@ -284,6 +290,15 @@ def _resolve_sysctls(settings, pick, errors):
         overrides = {}
     for key, value in overrides.items():
         merged[key] = (value, where_overrides)
+        lower.pop(key, None)  # a value named in pillar is the admin's own
+        kernel_default.discard(key)
+    ports, where_ports = pick("reserved_ports")
+    if ports:
+        extra = errors.call(parse_ports, ports, where_ports)
+        if extra:
+            have = merged.get(RESERVED_PORTS_KEY, ([], ""))[0]
+            have = errors.call(parse_ports, have or [], f"{where_ports} (with {RESERVED_PORTS_KEY})") or set()
+            merged[RESERVED_PORTS_KEY] = (sorted(have | extra), where_ports)
     wanted, sources = {}, {}
     for key, (value, source) in merged.items():
         where = f"{source}: " if source.startswith(("argument", "pillar")) else f"{source} (pillar {PILLAR}:profiles): "
@@ -297,6 +312,8 @@ def _resolve_sysctls(settings, pick, errors):
         if text is not None:
             wanted[key], sources[key] = text, source
     settings["sysctls"], settings["sources"] = wanted, sources
+    settings["lower"] = {k: v for k, v in lower.items() if k in wanted}
+    settings["kernel_default"] = sorted(k for k in kernel_default if k in wanted)
 
     config, where = pick("config")
     settings["config"] = errors.call(validate_config, config, where)
@@ -354,17 +371,19 @@ def all_profiles(extra, where=f"pillar {PILLAR}:profiles"):
             raise SaltInvocationError(f"{where}: profile name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
         if not isinstance(body, dict):
             raise SaltInvocationError(f"{where}:{name} must be a mapping with 'include' and/or 'sysctls'")
-        unknown = set(body) - {"include", "sysctls", "description"}
+        unknown = set(body) - set(PROFILE_FIELDS)
         if unknown:
             raise SaltInvocationError(
-                f"{where}:{name}: unknown field(s) {', '.join(sorted(unknown))} (allowed: include, sysctls, description)"
+                f"{where}:{name}: unknown field(s) {', '.join(sorted(unknown))} (allowed: {', '.join(PROFILE_FIELDS)})"
             )
         profiles[name] = body
     return profiles
 
 
 def resolve_profile(name, profiles, where=f"pillar {PILLAR}:profile"):
-    """Walk `include` from the root down; returns (chain, {key: (value, source)})."""
+    """Walk `include` from the root down; returns (chain, {key: (value,
+    source)}, {key: why it is lowered on purpose}, {keys that only ask for
+    the kernel's default})."""
     chain = []
     current = name
     while current is not None:
@@ -375,14 +394,29 @@ def resolve_profile(name, profiles, where=f"pillar {PILLAR}:profile"):
             raise SaltInvocationError(f"pillar {PILLAR}:profiles: include cycle {' -> '.join(chain + [current])}")
         chain.append(current)
         current = profiles[current].get("include")
-    merged = {}
+    merged, lower, kernel_default = {}, {}, set()
     for profile_name in reversed(chain):
-        sysctls = profiles[profile_name].get("sysctls") or {}
+        body = profiles[profile_name]
+        at = f"pillar {PILLAR}:profiles:{profile_name}"
+        sysctls = body.get("sysctls") or {}
         if not isinstance(sysctls, dict):
-            raise SaltInvocationError(f"pillar {PILLAR}:profiles:{profile_name}:sysctls must be a mapping of key to value")
+            raise SaltInvocationError(f"{at}:sysctls must be a mapping of key to value")
+        reasons = body.get("lower") or {}
+        if not isinstance(reasons, dict) or not all(isinstance(v, str) and v for v in reasons.values()):
+            raise SaltInvocationError(f"{at}:lower must be a mapping of sysctl key to the reason it is lowered")
+        defaults = body.get("kernel_default") or []
+        if not isinstance(defaults, list) or not all(isinstance(k, str) for k in defaults):
+            raise SaltInvocationError(f"{at}:kernel_default must be a list of sysctl keys")
         for key, value in sysctls.items():
+            # The flags belong to the value: a profile that sets the key again drops them.
             merged[key] = (value, f"profile {profile_name}")
-    return chain, merged
+            lower.pop(key, None)
+            kernel_default.discard(key)
+            if key in reasons:
+                lower[key] = f"{reasons[key]} (profile {profile_name})"
+            if key in defaults:
+                kernel_default.add(key)
+    return chain, merged, lower, kernel_default
 
 
 def _resolve_limits(settings, pick, errors, nr_open, systemd):

@@ -17,9 +17,13 @@ import subprocess
 from salt.exceptions import CommandExecutionError, SaltInvocationError
 
 import sstuning_journal as journal
+import sstuning_ports as ports
 import sstuning_procfs as procfs
 import sstuning_sysctld as sysctld
-from sstuning_catalogue import CATALOGUE, CONGESTION_KEY, absent_is_satisfied, keep_higher
+from sstuning_catalogue import (
+    CATALOGUE, CONGESTION_KEY, RECIPE, RESERVED_PORTS_KEY, SS_PROCESS_NAMES, absent_is_satisfied, keep_higher, parse_ports,
+    ports_text,
+)
 from sstuning_settings import PILLAR
 
 MODULES_LOAD_NAME = "shadowsocks-tuning.conf"
@@ -158,12 +162,45 @@ def congestion(root, wanted, fallback, test, child):
 # --------------------------------------------------------------------------
 # Plan
 # --------------------------------------------------------------------------
-def _plan(settings, root, test):
+def _decide(plan, key, action, live, target=None, reason="", persist=False):
+    """Record what happens to one key (what `explain` shows) and, for a
+    value this package stands behind, the line to persist."""
+    plan["decisions"][key] = {"action": action, "live": live, "target": target, "reason": reason}
+    if persist:
+        plan["values"][key] = target
+    if target is not None and live is not None and live != target:
+        plan["writes"][key] = (live, target)
+
+
+def _reserved_ports(settings, opts, live, text):
+    """Live reserved ports, those the settings name, and every port
+    shadowsocks listens on or is configured for: (target, reason)."""
+    found = ports.config_ports(opts["ss_config_dir"])
+    port_range = procfs.read_or(opts["proc_root"], "net.ipv4.ip_local_port_range", "1 65535").split()
+    wanted_range = settings["sysctls"].get("net.ipv4.ip_local_port_range", "").split() or port_range
+    # Outbound connections take ports from the wider of the live and the wanted range.
+    low, high = min(int(port_range[0]), int(wanted_range[0])), max(int(port_range[1]), int(wanted_range[1]))
+    found.update(ports.listening_ports(set(SS_PROCESS_NAMES), (low, high)))
+    merged = parse_ports(live or "") | parse_ports(text) | set(found)
+    added = sorted(set(found) - parse_ports(live or ""))
+    reason = "merged with what is there"
+    if found:
+        reason += "; shadowsocks ports: " + ", ".join(f"{port} ({found[port]})" for port in sorted(found))
+    if added:
+        reason += f"; adds {ports_text(added)}"
+    return ports_text(merged), reason
+
+
+def _plan(settings, opts, test):
     """Compare wanted and live values; decide, per key, what to write, what is
-    kept higher, what is skipped and why. Reads only (modprobe aside, which
+    kept and why, what is skipped and why. Reads only (modprobe aside, which
     is only dry-run under test)."""
+    root = opts["proc_root"]
     force = set(settings["force"])
     child = procfs.in_child_netns(root)
+    config = settings["config"]
+    persisted = {} if os.path.islink(config) else {
+        key: value for _, key, value in sysctld.parse_conf(journal.read_text(config) or "")}
     # A read-only /proc/sys mount says nothing about the kernel that reads the
     # file at boot: its keys are reported, their persisted lines left alone.
     proc_read_only = procfs.read_only_mount(root)
@@ -171,7 +208,8 @@ def _plan(settings, root, test):
         "writes": {},      # key -> (old, new)
         "values": {},      # key -> value to persist
         "dropped": {},     # key -> why its line is commented out
-        "kept": [], "skipped": [], "satisfied": [], "notes": [], "errors": [],
+        "decisions": {},   # key -> {action, live, target, reason}
+        "kept": [], "lowered": [], "skipped": [], "satisfied": [], "notes": [], "errors": [],
         "module": None,
     }
     for key, text in settings["sysctls"].items():
@@ -181,20 +219,28 @@ def _plan(settings, root, test):
             live = None
         status = probe_key(root, key, None, child, present=live is not None)
         if status["status"] == "absent" and key not in CATALOGUE:
-            plan["errors"].append(
-                f"{key}: unknown key: not in this package's catalogue and not on this kernel "
-                f"({settings['sources'][key]}); check the spelling (`salt-call shadowsocks_tuning.catalogue`)"
-            )
+            message = (f"{key}: unknown key: not in this package's catalogue and not on this kernel "
+                       f"({settings['sources'][key]}); check the spelling (`salt-call shadowsocks_tuning.catalogue`)")
+            plan["errors"].append(message)
+            _decide(plan, key, "error", live, reason=message)
             continue
         if status["status"] == "absent" and absent_is_satisfied(key, text):
             plan["satisfied"].append(f"{key}: wanted {text}, and the kernel has no such key ({status['reason']})")
             plan["dropped"][key] = "absent on this kernel"
+            _decide(plan, key, "satisfied", live, reason=status["reason"])
+            continue
+        if status["status"] == "writable" and key in settings["kernel_default"] and live != text and key not in force:
+            # The profile only asks for the kernel's default; this value was someone's choice.
+            note = f"{key}: kept {live} (the profile asks only for the kernel default {text}; name it in pillar sysctls to replace it)"
+            plan["kept"].append(note)
+            _decide(plan, key, "kept", live, live, note.split(": ", 1)[1])
             continue
         if status["status"] == "writable" and key == CONGESTION_KEY:
             cc = congestion(root, text, settings["congestion_fallback"], test, child)
             plan["notes"].extend(cc["notes"])
             if cc["error"]:
                 plan["errors"].append(cc["error"])
+                _decide(plan, key, "error", live, reason=cc["error"])
                 continue
             if cc["value"] is None:
                 status = {"status": "restricted", "reason": cc["problem"].split(": ", 1)[1]}
@@ -209,13 +255,31 @@ def _plan(settings, root, test):
                 plan["skipped"].append(message)
                 if not proc_read_only:
                     plan["dropped"][key] = status["status"]
+            _decide(plan, key, status["status"], live, reason=status["reason"])
             continue
-        target, kept = keep_higher(key, text, live) if key not in force else (text, None)
+        if key == RESERVED_PORTS_KEY:
+            target, reason = _reserved_ports(settings, opts, live, text)
+            # An empty list needs no line (and `key =` with nothing after it is no value for sysctl).
+            _decide(plan, key, "merged", live, target, reason, persist=bool(target))
+            continue
+        if key in force:
+            _decide(plan, key, "set", live, text, "forced in pillar", persist=True)
+            continue
+        lower = settings["lower"].get(key)
+        target, kept = keep_higher(key, text, live, lower=bool(lower))
+        if kept and target == live and persisted.get(key) != target:
+            # The kernel's own (often RAM-derived) value wins: no line pins it
+            # for the next boot. A line this package wrote earlier stays managed.
+            plan["kept"].append(kept)
+            _decide(plan, key, "kept", live, live, kept.split(": ", 1)[1])
+            continue
         if kept:
             plan["kept"].append(kept)
-        plan["values"][key] = target
-        if live != target:
-            plan["writes"][key] = (live, target)
+        reason = kept.split(": ", 1)[1] if kept else ""
+        if lower and live is not None and target != keep_higher(key, target, live)[0]:
+            plan["lowered"].append(f"{key}: {live} -> {target}: {lower}")
+            reason = "; ".join(filter(None, [reason, f"lowered on purpose: {lower}"]))
+        _decide(plan, key, "set", live, target, reason, persist=True)
     return plan
 
 
@@ -236,7 +300,9 @@ def _summary(plan, overridden, boot_note):
         parts.append(f"{len(plan['writes'])} sysctl(s) to change")
     parts.extend(plan["notes"])
     if plan["kept"]:
-        parts.append("capacity kept higher: " + "; ".join(plan["kept"]))
+        parts.append("kept, never made worse than this kernel has it (not persisted): " + "; ".join(plan["kept"]))
+    if plan["lowered"]:
+        parts.append("lowered on purpose: " + "; ".join(plan["lowered"]))
     if plan["satisfied"]:
         parts.append("satisfied: " + "; ".join(plan["satisfied"]))
     if plan["skipped"]:
@@ -258,7 +324,7 @@ def prepare(settings, opts, test):
         return {"errors": [f"{config} is a symbolic link (to {os.readlink(config)}); refusing to follow it: "
                            f"point pillar {PILLAR}:config at a regular file"],
                 "changes": {}, "comment": [], "profile": settings["profile"]}
-    plan = _plan(settings, opts["proc_root"], test)
+    plan = _plan(settings, opts, test)
     changes = {key: {"old": old, "new": new} for key, (old, new) in plan["writes"].items()}
     old_conf = journal.read_text(config)
     new_conf = sysctld.render_conf(old_conf, plan["values"], plan["dropped"], settings["profile"])
@@ -310,11 +376,15 @@ def apply(settings, opts, prepared):
             except OSError as exc:
                 raise CommandExecutionError(write_error(root, key, new, exc))
             written.append((key, old))
+        # Root-owned 0644 whatever the files were: their lines run as root at
+        # boot. Not fsynced: the saved originals are (they alone cannot be
+        # recomputed); these files are rewritten by the next run, and a power
+        # cut before the journal commit brings back the old (or no) file,
+        # whose values the kernel then boots with.
         if prepared["config_text"] is not None:
-            # root-owned 0644 whatever the file was: its lines run as root at boot
-            journal.atomic_write(config, prepared["config_text"], mode=0o644)
+            journal.atomic_write(config, prepared["config_text"], mode=0o644, durable=False)
         if prepared["modules_load"]:
-            journal.atomic_write(*prepared["modules_load"], mode=0o644)
+            journal.atomic_write(*prepared["modules_load"], mode=0o644, durable=False)
     except (CommandExecutionError, OSError) as exc:
         failed = _rollback(root, written)
         message = exc if isinstance(exc, CommandExecutionError) else f"cannot persist {config}: {exc}"
@@ -364,37 +434,55 @@ def set_key(root, key, text, force):
 # Verify
 # --------------------------------------------------------------------------
 def verify(settings, opts):
-    """Per key ``ok``, ``drift``, ``absent``, ``read-only``, ``restricted`` or
-    ``overridden``: ``{"ok", "problems", "keys"}``."""
-    root, config, fallback = opts["proc_root"], settings["config"], settings["congestion_fallback"]
-    force_keys = set(settings["force"])
-    child = procfs.in_child_netns(root)
+    """Per key ``ok``, ``drift``, ``absent``, ``read-only``, ``restricted``,
+    ``error`` or ``overridden``, judged by the same plan ``apply`` follows:
+    ``{"ok", "problems", "keys"}``."""
+    config = settings["config"]
+    plan = _plan(settings, opts, test=True)
     persisted = {key: value for _, key, value in sysctld.parse_conf(journal.read_text(config) or "")}
-    report, expected_file = {}, {}
-    for key, text in settings["sysctls"].items():
-        # The congestion control is probed with its value, as apply does: one
-        # that apply skipped as restricted here is reported so, not as drift.
-        cc_wanted = text if key == CONGESTION_KEY and not fallback else None
-        status = probe_key(root, key, cc_wanted, child)
-        if status["status"] != "writable":
-            satisfied = status["status"] == "absent" and absent_is_satisfied(key, text)
-            report[key] = {"status": "ok" if satisfied else status["status"], "wanted": text, "live": None,
-                           "reason": status["reason"]}
-            continue
-        live = procfs.read(root, key)
-        target = text if key in force_keys else keep_higher(key, text, live)[0]
-        if key == CONGESTION_KEY and fallback and live == fallback and live != target:
-            if probe_key(root, key, text, child)["status"] == "restricted":  # unavailable, or not allowed here
-                target = live
-        expected_file[key] = target
-        entry = {"status": "ok", "wanted": target, "live": live, "persisted": persisted.get(key)}
-        if live != target:
+    report = {}
+    for key, decision in plan["decisions"].items():
+        action, live, target = decision["action"], decision["live"], decision["target"]
+        entry = {"status": "ok", "wanted": target if target is not None else settings["sysctls"][key], "live": live,
+                 "reason": decision["reason"]}
+        if action in ("absent", "read-only", "restricted", "error"):
+            entry["status"] = action if action != "error" else "restricted"
+        elif action != "satisfied" and live != target:
             entry.update(status="drift", reason=f"live value {live} differs from {target}")
-        elif persisted.get(key) != target:
-            entry.update(status="drift", reason=f"{config} has {persisted.get(key)!r}, expected {target}")
+        elif key in plan["values"]:
+            entry["persisted"] = persisted.get(key)
+            if persisted.get(key) != target:
+                entry.update(status="drift", reason=f"{config} has {persisted.get(key)!r}, expected {target}")
         report[key] = entry
-    overridden, _ = sysctld.overrides(opts["sysctl_dirs"], opts["sysctl_conf"], config, expected_file)
+    overridden, _ = sysctld.overrides(opts["sysctl_dirs"], opts["sysctl_conf"], config, plan["values"])
     for key, (path, line, value) in overridden.items():
         report[key].update(status="overridden", reason=f"{path}:{line} sets {value} and is read later at boot")
     bad = sorted(k for k, v in report.items() if v["status"] in ("drift", "overridden"))
     return {"ok": not bad, "problems": bad, "keys": report}
+
+
+def explain(settings, opts):
+    """Per key of the recipe and the profile: the recipe's value, the live
+    value, what the profile does here and why (a dry run: nothing written)."""
+    plan = _plan(settings, opts, test=True)
+    out = {}
+    for key in list(RECIPE) + [k for k in settings["sysctls"] if k not in RECIPE]:
+        decision = plan["decisions"].get(key)
+        if decision is None:
+            live = procfs.read_or(opts["proc_root"], key)
+            out[key] = {"recipe": RECIPE.get(key), "live": live, "profile": None, "action": "not managed",
+                        "result": live, "reason": f"profile {settings['profile']} does not set it"}
+            continue
+        action, reason = decision["action"], decision["reason"]
+        if action == "set" and decision["live"] == decision["target"]:
+            action = "in place"
+        elif action == "set" and not reason:
+            verb = "raises" if CATALOGUE.get(key, {}).get("more") else "changes"
+            reason = f"{verb} {decision['live']}: {CATALOGUE.get(key, {}).get('doc', 'set by pillar')}"
+        out[key] = {
+            "recipe": RECIPE.get(key), "live": decision["live"], "profile": settings["sysctls"].get(key),
+            "action": action, "result": decision["target"] if decision["target"] is not None else decision["live"],
+            "reason": reason or CATALOGUE.get(key, {}).get("doc", ""),
+            "persisted": key in plan["values"],
+        }
+    return out

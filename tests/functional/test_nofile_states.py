@@ -361,9 +361,9 @@ def test_a_service_that_does_not_start_fails_its_state_by_name(box, script, expe
     restart = states[SCRIPTS]
     assert restart["result"] is False
     assert restart["comment"].startswith(expected.format(root=box.root)), restart["comment"]
-    # The limit was written before the start was tried, and the state says so.
+    # The limit was written before the start was tried, and the state shows it as a change.
     assert "ulimit -n 4096" in path.read_text().split("\n")
-    assert f"(written before that: {path})" in restart["comment"]
+    assert restart["changes"][str(path)]["new"] == "4096"
 
 
 FAKE_SYSTEMCTL = """#!/bin/sh

@@ -33,8 +33,8 @@ def test_set_writes_per_namespace_keys_and_reads_back(masterless):
     before = read_in_netns(masterless.netns, "net.ipv4.tcp_fin_timeout")[0]
     assert ok(masterless.run("shadowsocks_tuning.set", "net.ipv4.tcp_fin_timeout", "17")) == {"old": before, "new": "17"}
     assert read_in_netns(masterless.netns, "net.ipv4.tcp_fin_timeout") == ["17"]
-    ok(masterless.run("shadowsocks_tuning.set", "net.ipv4.tcp_rmem", "4096 87380 67108864"))
-    assert read_in_netns(masterless.netns, "net.ipv4.tcp_rmem") == ["4096", "87380", "67108864"]
+    ok(masterless.run("shadowsocks_tuning.set", "net.ipv4.tcp_rmem", "4096 262144 67108864"))
+    assert read_in_netns(masterless.netns, "net.ipv4.tcp_rmem") == ["4096", "262144", "67108864"]
     ok(masterless.run("shadowsocks_tuning.set", "net.ipv4.ip_local_port_range", "[10000, 65000]"))
     assert read_in_netns(masterless.netns, "net.ipv4.ip_local_port_range") == ["10000", "65000"]
 

@@ -101,27 +101,28 @@ def test_describe_shows_removal_versions_as_text():
 # --------------------------------------------------------------------------
 def test_a_capacity_sysctl_is_only_raised():
     assert catalogue.keep_higher("fs.file-max", "51200", "2466177") == (
-        "2466177", "fs.file-max: kept 2466177 (higher than 51200)")
+        "2466177", "fs.file-max: kept 2466177 (the profile's 51200 would be less)")
     assert catalogue.keep_higher("fs.file-max", "51200", "8192") == ("51200", None)
     assert catalogue.keep_higher("net.core.somaxconn", "4096", "4096") == ("4096", None)
 
 
 def test_a_key_that_is_not_a_capacity_is_lowered_as_asked():
-    assert not catalogue.CATALOGUE["net.ipv4.tcp_fin_timeout"].get("capacity")
+    assert not catalogue.CATALOGUE["net.ipv4.tcp_fin_timeout"].get("more")
     assert catalogue.keep_higher("net.ipv4.tcp_fin_timeout", "30", "60") == ("30", None)
     assert catalogue.keep_higher("vm.swappiness", "10", "60") == ("10", None)  # outside the catalogue
 
 
-def test_only_the_max_field_of_a_buffer_triple_is_a_capacity():
+def test_every_field_of_a_buffer_triple_is_kept_at_the_higher_value():
     assert catalogue.keep_higher("net.ipv4.tcp_rmem", "4096 87380 4194304", "4096 131072 33554432") == (
-        "4096 87380 33554432", "net.ipv4.tcp_rmem: kept max 33554432 (higher than 4194304)")
-    # A higher min or default field alone is not kept: those fields are lowered as asked.
+        "4096 131072 33554432", "net.ipv4.tcp_rmem: kept 4096 131072 33554432 (the profile's 4096 87380 4194304 would be less)")
+    # Each field on its own: the higher max of the profile, the higher min and default of the kernel.
     assert catalogue.keep_higher("net.ipv4.tcp_rmem", "4096 87380 67108864", "8192 131072 33554432") == (
-        "4096 87380 67108864", None)
+        "8192 131072 67108864",
+        "net.ipv4.tcp_rmem: kept min 8192, default 131072 of 8192 131072 33554432 (the profile's 4096 87380 67108864 would be less)")
 
 
 def test_no_key_means_a_plain_open_file_limit_in_a_file():
-    assert catalogue.keep_higher(None, "16384", "32768") == ("32768", "kept 32768 (higher than 16384)")
+    assert catalogue.keep_higher(None, "16384", "32768") == ("32768", "kept 32768 (the profile's 16384 would be less)")
     assert catalogue.keep_higher(None, "65536", "32768") == ("65536", None)
     assert catalogue.keep_higher(None, "16384", None) == ("16384", None)  # nothing in the file yet
 

@@ -36,6 +36,7 @@ CANONICAL = {
     "range": re.compile(r"[0-9]+ [0-9]+\Z"),
     "triple": re.compile(r"[0-9]+ [0-9]+ [0-9]+\Z"),
     "word": re.compile(r"[a-z0-9_]{1,32}\Z"),
+    "ports": re.compile(r"(?:[0-9]+(?:-[0-9]+)?(?:,[0-9]+(?:-[0-9]+)?)*)?\Z"),
 }
 
 # Fragments an attacker (or a typo) puts in a key, a value or a name.
@@ -126,7 +127,9 @@ def test_catalogue_values_are_refused_by_key_or_canonical(key, value):
         assert key in str(exc)
         return
     assert CANONICAL[spec["type"]].match(text), (key, value, text)
-    if spec["type"] != "word":
+    if spec["type"] == "ports":
+        assert all(spec["min"] <= int(n) <= spec["max"] for n in re.split(r"[,-]", text) if n)
+    elif spec["type"] != "word":
         numbers = [int(n) for n in text.split()]
         assert all(spec["min"] <= n <= spec["max"] for n in numbers)
         assert numbers == sorted(numbers)
@@ -134,7 +137,7 @@ def test_catalogue_values_are_refused_by_key_or_canonical(key, value):
 
 
 @FUZZ
-@given(key=catalogue_key.filter(lambda k: CATALOGUE[k]["type"] != "word"),
+@given(key=catalogue_key.filter(lambda k: CATALOGUE[k]["type"] not in ("word", "ports")),
        number=st.integers(min_value=-(2**70), max_value=2**70))
 def test_huge_and_negative_numbers_are_refused_outside_the_kernel_range(key, number):
     spec = CATALOGUE[key]

@@ -175,10 +175,12 @@ def test_a_part_is_written_and_a_stopped_service_left_stopped(opts, tmp_path):
                                     nr_open=NR_OPEN)
     planned = limits.plan(settings, opts)
     assert planned["errors"] == [] and planned["manage"] == [str(script)]
-    files, restarts = limits.apply_part(settings, opts, planned["parts"]["init_scripts"], test=True)
+    files, restarts, failed = limits.apply_part(settings, opts, planned["parts"]["init_scripts"], test=True)
+    assert failed == []
     assert files[0]["changed"] and script.read_text() == text  # test: nothing written
     with journal.lock(opts["state_dir"]):
-        files, restarts = limits.apply_part(settings, opts, planned["parts"]["init_scripts"], test=False)
+        files, restarts, failed = limits.apply_part(settings, opts, planned["parts"]["init_scripts"], test=False)
+        assert failed == []
     assert "ulimit -n 1024\n" in script.read_text()
     (restarted,) = restarts
     assert restarted["name"] == "ss" and not restarted["changed"]

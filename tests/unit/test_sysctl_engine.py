@@ -41,24 +41,33 @@ def settings_for(opts, **pillar):
     return settings_mod.resolve({**MINI, "config": config, **pillar})
 
 
-def test_capacity_keys_are_kept_higher_and_the_rest_lowered_as_asked(opts):
+def test_no_field_is_made_worse_than_the_kernel_has_it_and_kept_values_are_not_persisted(opts):
     prepared = sysctl.prepare(settings_for(opts), opts, test=True)
     assert prepared["errors"] == []
-    assert prepared["writes"] == {
-        "net.ipv4.tcp_rmem": ("4096 131072 33554432", "4096 87380 33554432"),
-        "net.ipv4.tcp_fin_timeout": ("60", "30"),
-    }
-    kept = next(line for line in prepared["comment"] if line.startswith("capacity kept higher: "))
-    assert "fs.file-max: kept 2466177 (higher than 51200)" in kept
-    assert "net.ipv4.tcp_rmem: kept max 33554432 (higher than 4194304)" in kept
-    # The persisted file says what is live, not the lower wish.
-    assert "fs.file-max = 2466177\n" in prepared["config_text"]
+    assert prepared["writes"] == {"net.ipv4.tcp_fin_timeout": ("60", "30")}
+    kept = next(line for line in prepared["comment"] if line.startswith("kept, never made worse"))
+    assert "fs.file-max: kept 2466177 (the profile's 51200 would be less)" in kept
+    assert "net.ipv4.tcp_rmem: kept 4096 131072 33554432" in kept
+    # Boot keeps the kernel's own values: no line pins them.
+    assert "fs.file-max" not in prepared["config_text"]
+    assert "tcp_rmem" not in prepared["config_text"]
+    assert "net.ipv4.tcp_fin_timeout = 30\n" in prepared["config_text"]
+
+
+def test_a_profile_lowers_a_ceiling_only_where_it_says_why(opts):
+    why = {"profile": "mini", "profiles": {"mini": {**MINI["profiles"]["mini"],
+                                                     "lower": {"net.ipv4.tcp_rmem": "small box"}}}}
+    prepared = sysctl.prepare(settings_for(opts, **why), opts, test=True)
+    # The max goes down on purpose; the default field stays at the kernel's higher value.
+    assert prepared["writes"]["net.ipv4.tcp_rmem"] == ("4096 131072 33554432", "4096 131072 4194304")
+    lowered = next(line for line in prepared["comment"] if line.startswith("lowered on purpose: "))
+    assert "net.ipv4.tcp_rmem: 4096 131072 33554432 -> 4096 131072 4194304: small box (profile mini)" in lowered
 
 
 def test_force_lowers_the_keys_it_names_or_all(opts):
     one = sysctl.prepare(settings_for(opts, force=["fs.file-max"]), opts, test=True)
     assert one["writes"]["fs.file-max"] == ("2466177", "51200")
-    assert one["writes"]["net.ipv4.tcp_rmem"] == ("4096 131072 33554432", "4096 87380 33554432")
+    assert "net.ipv4.tcp_rmem" not in one["writes"]
     everything = sysctl.prepare(settings_for(opts, force=True), opts, test=True)
     assert everything["writes"]["net.ipv4.tcp_rmem"] == ("4096 131072 33554432", "4096 87380 4194304")
     assert everything["writes"]["fs.file-max"] == ("2466177", "51200")

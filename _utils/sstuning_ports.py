@@ -1,0 +1,120 @@
+"""
+The ports shadowsocks listens on, so they can be reserved from the local
+port range (``net.ipv4.ip_local_reserved_ports``): an outbound connection
+that picks a server's port before the server binds it keeps the server from
+starting. Found in shadowsocks-libev's JSON configs and in the sockets that
+running shadowsocks processes listen on. Reads files and /proc only.
+"""
+
+import contextlib
+import glob
+import json
+import os
+import socket
+import struct
+
+import sstuning_procfs as procfs
+
+# linux/sock_diag.h, linux/inet_diag.h, linux/netlink.h
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_TCP_LISTEN, _TCP_CLOSE = 10, 7  # a bound UDP socket shows as TCP_CLOSE
+
+
+def _port_of(value):
+    """A port from 8388, "8388" or "127.0.0.1:6001" (a manager address); else None."""
+    text = str(value).rsplit(":", 1)[-1] if isinstance(value, (int, str)) and not isinstance(value, bool) else ""
+    return int(text) if text.isdigit() and 1 <= int(text) <= 65535 else None
+
+
+def config_ports(config_dir):
+    """{port: where} from every ``*.json`` in shadowsocks-libev's config
+    directory: ``server_port``, the keys of ``port_password``, the port of
+    ``manager_address`` and ``local_port``."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(config_dir, "*.json"))):
+        try:
+            with open(path, "rb") as handle:
+                data = json.loads(handle.read(1 << 20).decode("utf-8", "replace"))
+        except (OSError, ValueError):
+            continue  # not ours to judge: a broken config fails its own daemon
+        if not isinstance(data, dict):
+            continue
+        candidates = [("server_port", data.get("server_port")), ("local_port", data.get("local_port")),
+                      ("manager_address", data.get("manager_address"))]
+        if isinstance(data.get("port_password"), dict):
+            candidates += [("port_password", port) for port in data["port_password"]]
+        for field, value in candidates:
+            port = _port_of(value)
+            if port:
+                found.setdefault(port, f"{path} ({field})")
+    return found
+
+
+def _diag_dump(sock, family, protocol, states):
+    """{inode: port} from one NETLINK_SOCK_DIAG dump (inet_diag_req_v2)."""
+    request = struct.pack("=BBBBI", family, protocol, 0, 0, states) + bytes(48)  # an empty inet_diag_sockid
+    sock.send(struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
+              + request)
+    found = {}
+    while True:
+        data = sock.recv(65536)
+        offset = 0
+        while offset + 16 <= len(data):
+            length, kind = struct.unpack_from("=IH", data, offset)
+            if kind in (_NLMSG_DONE, _NLMSG_ERROR) or length < 16:
+                return found
+            # inet_diag_msg: family, state, timer, retrans, then the sockid (sport first,
+            # big-endian); the inode sits after the sockid and four u32 fields.
+            port = struct.unpack_from("!H", data, offset + 16 + 4)[0]
+            inode = struct.unpack_from("=I", data, offset + 16 + 4 + 48 + 16)[0]
+            found[inode] = port
+            offset += (length + 3) & ~3
+        if not data:
+            return found
+
+
+def listening_sockets():
+    """{inode: port} of listening TCP and bound UDP sockets in this network
+    namespace, asked of the kernel through sock_diag: it walks only the
+    listening tables, where reading /proc/net/tcp walks every hash bucket
+    (milliseconds on a large machine, even when nothing listens)."""
+    found = {}
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as sock:
+            sock.settimeout(2)
+            for family in (socket.AF_INET, socket.AF_INET6):
+                found.update(_diag_dump(sock, family, socket.IPPROTO_TCP, 1 << _TCP_LISTEN))
+                found.update(_diag_dump(sock, family, socket.IPPROTO_UDP, 1 << _TCP_CLOSE))
+    except OSError:
+        return {}
+    return found
+
+
+def listening_ports(names, wanted_range=None):
+    """{port: "ss-server (pid N)"} for every socket a process called one of
+    ``names`` (in this network namespace) listens on. Only sockets whose
+    port lies in ``wanted_range`` (low, high) need an owner: ports outside the
+    local port range are never picked for outbound connections anyway."""
+    sockets = listening_sockets()
+    if wanted_range:
+        sockets = {inode: port for inode, port in sockets.items() if wanted_range[0] <= port <= wanted_range[1]}
+    if not sockets:
+        return {}
+    own_netns = os.readlink("/proc/self/ns/net")
+    found = {}
+    for pid, (comm, _, _) in procfs.process_table().items():
+        name = procfs.match_name(comm, procfs.proc_argv(pid), names)
+        if not name:
+            continue
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/ns/net") != own_netns:
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:[") and int(link[8:-1]) in sockets:
+                        found.setdefault(sockets[int(link[8:-1])], f"{name} (pid {pid})")
+    return found
