@@ -54,7 +54,7 @@ CATALOGUE = {
                                   4096, INT_MAX, more=(UP,), source="socket(7)"),
     "net.core.netdev_max_backlog": _key("int", "global", "maximum processor input queue", 1, INT_MAX, more=(UP,)),
     "net.core.somaxconn": _key("int", "netns", "maximum listen() backlog", 1, INT_MAX, more=(UP,),
-                               source="4096 by default since Linux 5.4 (commit 19f92a030ca6)"),
+                               source="4096 by default since Linux 5.4 (Documentation/networking/ip-sysctl.rst)"),
     "net.core.default_qdisc": _key("word", "global", "queueing discipline of new interfaces", module="sch_"),
     "net.ipv4.tcp_syncookies": _key("int", "netns", "SYN cookies against SYN floods", 0, 2),
     "net.ipv4.tcp_tw_reuse": _key("int", "netns", "reuse TIME-WAIT sockets for new outbound connections "
@@ -69,7 +69,7 @@ CATALOGUE = {
     "net.ipv4.ip_local_port_range": _key("range", "netns", "ports used for outbound connections", 1, 65535,
                                          more=(DOWN, UP),
                                          source="ends of different parity let connect() and bind() split the range "
-                                                "(kernel commit 07f4c90062f8)"),
+                                                "(kernel commit ed2dfd900992, cited, not checked here)"),
     "net.ipv4.ip_local_reserved_ports": _key("ports", "netns", "ports never picked for outbound connections: the "
                                              "ports shadowsocks listens on", 1, 65535),
     "net.ipv4.tcp_max_syn_backlog": _key("int", "netns", "queue of half-open connections", 1, INT_MAX, more=(UP,)),

@@ -12,6 +12,7 @@ import difflib
 import fcntl
 import json
 import os
+import stat
 import tempfile
 
 from salt.exceptions import CommandExecutionError
@@ -19,16 +20,62 @@ from salt.exceptions import CommandExecutionError
 import sstuning_procfs as procfs
 
 _TEMP_MARK = ".sst-"
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
+class NotRegularFile(CommandExecutionError):
+    """A path that is not a plain file of its own where one is needed."""
 
 
 def read_text(path):
-    """The file's text (bytes that are not UTF-8 kept as surrogates, to be
-    written back as they were), or None when it does not exist."""
+    """The text of a regular file (bytes that are not UTF-8 kept as
+    surrogates, to be written back as they were), or None when it does not
+    exist. Anything else (a directory, a named pipe, a device) raises
+    NotRegularFile instead of being read: a pipe would block forever."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read().decode("utf-8", errors="surrogateescape")
+        # O_NONBLOCK: opening a named pipe must not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        raise NotRegularFile(f"{path} is a directory, not a file")
+    try:
+        kind = os.fstat(fd).st_mode
+        if not stat.S_ISREG(kind):
+            raise NotRegularFile(f"{path} is {_KINDS.get(stat.S_IFMT(kind), 'not a regular file')}, not a file")
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks).decode("utf-8", errors="surrogateescape")
+    finally:
+        os.close(fd)
+
+
+def read_managed(path):
+    """The text of a file this package rewrites, or None when it does not
+    exist. One rule for links: a symbolic link or a file with more than one
+    hard link is refused, never followed or read, so nothing outside the
+    managed path is read into output or copied into a file this package
+    writes. Raises NotRegularFile with what to do."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        raise NotRegularFile(
+            f"{path} is a symbolic link (to {os.readlink(path)}); refusing to follow it: point the setting at "
+            "the real file, or replace the link with a regular file"
+        )
+    if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+        raise NotRegularFile(
+            f"{path} has {info.st_nlink} hard links; refusing to rewrite it (its other names would keep the old "
+            "content, or a copy would expose it): make it a file of its own"
+        )
+    return read_text(path)
 
 
 def file_change(path, new_text, old_text=None):
@@ -105,7 +152,7 @@ def originals_path(state_dir):
 def load_originals(state_dir):
     """``{"sysctls": {key: value}, "files": {path: base64 or None}}``."""
     path = originals_path(state_dir)
-    text = read_text(path)
+    text = read_managed(path)
     if not text:
         return {"sysctls": {}, "files": {}}
     try:
@@ -152,7 +199,8 @@ def lock(state_dir):
     umask = os.umask(0o022)
     try:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        # O_NOFOLLOW: a planted link must not make this create a file elsewhere.
+        fd = os.open(os.path.join(state_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         os.umask(umask)
         raise CommandExecutionError(
@@ -184,7 +232,7 @@ def restore(state_dir, proc_root, test):
             except OSError as exc:
                 failed.append(f"{key}: {exc.strerror or exc}")
     for path, raw in originals["files"].items():
-        current = read_text(path)
+        current = read_managed(path)  # a link planted since is refused, not followed
         if raw is None:
             if current is not None:
                 changes[path] = {"old": "managed", "new": "removed (it did not exist before)"}

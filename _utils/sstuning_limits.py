@@ -45,11 +45,13 @@ def unit_file(opts, unit):
 
 
 def read_managed(path):
-    """A managed file's text, None when missing; anything else is an error."""
+    """A managed file's text, None when missing; a link, a hard-linked file,
+    a directory or anything but a regular file is an error (see
+    ``journal.read_managed``)."""
     try:
-        return journal.read_text(path)
-    except IsADirectoryError:
-        raise CommandExecutionError(f"{path} is a directory, not a file")
+        return journal.read_managed(path)
+    except CommandExecutionError:
+        raise
     except OSError as exc:
         raise CommandExecutionError(f"{path}: cannot read: {exc.strerror or exc}")
 

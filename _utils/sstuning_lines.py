@@ -76,6 +76,16 @@ def _is_comment(body):
     return body.lstrip().startswith("#")
 
 
+def refuse_binary(text, path):
+    """A NUL byte means a program, not a shell file: writing a line into it
+    would destroy it."""
+    if text and "\0" in text:
+        raise CommandExecutionError(
+            f"{path}: a binary file (it holds NUL bytes), not a shell script; `ulimit -n` can only go in a shell "
+            "script: set the limit where this daemon is started instead, or remove it from pillar"
+        )
+
+
 def check_shell_script(lines, path):
     first = lines[0][0] if lines else ""
     if not first.startswith("#!"):
@@ -109,6 +119,7 @@ def render_ulimit(text, nofile, path, placement="end"):
     dropped, commented-out ones are left alone. Without one, a new line goes at
     the end (a sourced defaults file) or before the first command (an init
     script). Returns (new_text, old_value or None)."""
+    refuse_binary(text, path)
     lines = _split_lines(text)
     if placement == "init":
         check_shell_script(lines, path)
@@ -140,6 +151,7 @@ def render_assignment(text, key, value, path):
     """Exactly one active `KEY=value` line (`export KEY=...` too): the first is
     rewritten in place, keeping its quotes and trailing comment; later ones are
     dropped; missing, it is appended. Returns (new_text, old_value or None)."""
+    refuse_binary(text, path)
     pattern = re.compile(
         r"^(?P<indent>[ \t]*)(?P<export>export[ \t]+)?" + re.escape(key)
         + r"=(?P<value>\"[^\"]*\"|'[^']*'|[^\s;&|#]*)(?P<tail>.*)$"

@@ -199,8 +199,10 @@ def _plan(settings, opts, test):
     force = set(settings["force"])
     child = procfs.in_child_netns(root)
     config = settings["config"]
-    persisted = {} if os.path.islink(config) else {
-        key: value for _, key, value in sysctld.parse_conf(journal.read_text(config) or "")}
+    try:
+        persisted = {key: value for _, key, value in sysctld.parse_conf(journal.read_managed(config) or "")}
+    except CommandExecutionError:
+        persisted = {}  # prepare reports it
     # A read-only /proc/sys mount says nothing about the kernel that reads the
     # file at boot: its keys are reported, their persisted lines left alone.
     proc_read_only = procfs.read_only_mount(root)
@@ -288,7 +290,7 @@ def _modules_load(modules_load_dir, module):
     if not module:
         return None, None
     path = os.path.join(modules_load_dir, MODULES_LOAD_NAME)
-    old = journal.read_text(path) or ""
+    old = journal.read_managed(path) or ""
     if module in old.split():
         return path, None
     return path, old + ("" if not old or old.endswith("\n") else "\n") + f"{module}\n"
@@ -318,15 +320,22 @@ def prepare(settings, opts, test):
     """Everything apply would do, read but not written: ``{"changes",
     "comment", "errors", "profile", ...}`` plus the texts to write."""
     config = settings["config"]
-    if os.path.islink(config):
-        # Following it would copy the target's lines into a 0644 file (and a
-        # link in a world-writable directory can point anywhere).
-        return {"errors": [f"{config} is a symbolic link (to {os.readlink(config)}); refusing to follow it: "
-                           f"point pillar {PILLAR}:config at a regular file"],
-                "changes": {}, "comment": [], "profile": settings["profile"]}
+    # Following a link would copy the target's lines into a 0644 file (and a
+    # link in a world-writable directory can point anywhere).
+    errors = []
+    for path, where in ((config, f"pillar {PILLAR}:config"),
+                        (os.path.join(opts["modules_load_dir"], MODULES_LOAD_NAME),
+                         "minion option shadowsocks_tuning.modules_load_dir")):
+        try:
+            text = journal.read_managed(path)
+        except CommandExecutionError as exc:
+            errors.append(f"{where}: {exc}")
+        if path == config:
+            old_conf = None if errors else text
+    if errors:
+        return {"errors": errors, "changes": {}, "comment": [], "profile": settings["profile"]}
     plan = _plan(settings, opts, test)
     changes = {key: {"old": old, "new": new} for key, (old, new) in plan["writes"].items()}
-    old_conf = journal.read_text(config)
     new_conf = sysctld.render_conf(old_conf, plan["values"], plan["dropped"], settings["profile"])
     # Nothing to persist and no file yet: do not create an empty one.
     conf_change = journal.file_change(config, new_conf, old_conf) if new_conf or old_conf is not None else None
@@ -439,7 +448,7 @@ def verify(settings, opts):
     ``{"ok", "problems", "keys"}``."""
     config = settings["config"]
     plan = _plan(settings, opts, test=True)
-    persisted = {key: value for _, key, value in sysctld.parse_conf(journal.read_text(config) or "")}
+    persisted = {key: value for _, key, value in sysctld.parse_conf(journal.read_managed(config) or "")}
     report = {}
     for key, decision in plan["decisions"].items():
         action, live, target = decision["action"], decision["live"], decision["target"]

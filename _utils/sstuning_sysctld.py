@@ -11,7 +11,7 @@ import os
 import re
 
 from sstuning_catalogue import normalise_live
-from sstuning_journal import read_text
+from sstuning_journal import NotRegularFile, read_text
 
 MANAGED_HEADER = "# Managed by Salt (shadowsocks_tuning); other lines are left as they are."
 
@@ -106,12 +106,17 @@ def overrides(sysctl_dirs, sysctl_conf, config, values):
     if where not in paths:
         return {}, f"{config} is not read by `sysctl --system` at boot (not in {', '.join(sysctl_dirs)})"
     later = order[paths.index(where) + 1:]
-    winners = {}
+    winners, unreadable = {}, []
     for path in later:
-        text = read_text(path) or ""
+        try:
+            text = read_text(path) or ""
+        except (NotRegularFile, OSError) as exc:
+            unreadable.append(str(exc))
+            continue
         for index, key, value in parse_conf(text):
             if key in values:
                 winners[key] = (path, index + 1, value)
-    return {k: w for k, w in winners.items() if w[2] != values[k]}, None
+    note = f"not read (sysctl --system cannot read it either): {'; '.join(unreadable)}" if unreadable else None
+    return {k: w for k, w in winners.items() if w[2] != values[k]}, note
 
 

@@ -158,7 +158,8 @@ def test_shell_scripts_of_every_flavour_are_accepted(shebang):
 
 # Files made of lines that never set a limit: the edit adds exactly one line
 # (plus its comment) and keeps every byte of the rest, whatever the endings.
-_plain_line = st.text(alphabet=st.characters(blacklist_characters="\n", blacklist_categories=("Cs",)), max_size=30).filter(
+# (NUL bytes make a binary file, which is refused: see the test below.)
+_plain_line = st.text(alphabet=st.characters(blacklist_characters="\n\0", blacklist_categories=("Cs",)), max_size=30).filter(
     lambda s: "ulimit" not in s
 )
 
@@ -243,3 +244,12 @@ def test_a_dropin_sets_limitnofile_in_the_service_section():
     assert sst_lines.dropin_limit(text) == "16384"
     assert sst_lines.dropin_limit(None) is None
     assert sst_lines.dropin_limit("[Service]\n# LimitNOFILE=1\n") is None
+
+
+def test_a_binary_file_is_refused_before_a_line_is_written_into_it():
+    binary = "\x7fELF\x02\x01\x01\0\0\0\0ulimit\n"
+    for render in (lambda t: sst_lines.render_ulimit(t, 4096, "/etc/init.d/ssd", "init"),
+                   lambda t: sst_lines.render_ulimit(t, 4096, "/etc/default/ssd", "end"),
+                   lambda t: sst_lines.render_assignment(t, "MAXFD", "4096", "/etc/default/ssd")):
+        with pytest.raises(CommandExecutionError, match=r"a binary file \(it holds NUL bytes\), not a shell script"):
+            render(binary)
