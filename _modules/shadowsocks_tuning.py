@@ -10,22 +10,11 @@ sysctl engine (``sstuning_sysctl``) and the open-file-limit engine
 (``sstuning_limits``). Any problem anywhere in the pillar fails every
 function that acts, before anything is written.
 
-Minion options (all optional; the defaults are the real system, see
-``OPTIONS`` in ``sstuning_settings``):
-
-.. code-block:: yaml
-
-    shadowsocks_tuning.proc_root: /proc/sys            # another root, for kernels this one cannot show
-    shadowsocks_tuning.state_dir: /var/lib/shadowsocks_tuning   # originals kept for `clean`
-    shadowsocks_tuning.sysctl_dirs: [/etc/sysctl.d, /run/sysctl.d, /usr/local/lib/sysctl.d, /usr/lib/sysctl.d, /lib/sysctl.d]
-    shadowsocks_tuning.sysctl_conf: /etc/sysctl.conf
-    shadowsocks_tuning.modules_load_dir: /etc/modules-load.d
-    shadowsocks_tuning.init_dir: /etc/init.d           # sysvinit scripts (open-file limits)
-    shadowsocks_tuning.service_cmd: service            # used when init_dir is /etc/init.d
-    shadowsocks_tuning.systemctl: systemctl
-    shadowsocks_tuning.systemd_marker: /run/systemd/system   # exists <=> systemd is PID 1
-    shadowsocks_tuning.systemd_dir: /etc/systemd/system      # where drop-ins go
-    shadowsocks_tuning.unit_dirs: [/etc/systemd/system, /run/systemd/system, /usr/local/lib/systemd/system, /usr/lib/systemd/system, /lib/systemd/system]
+Minion options ``shadowsocks_tuning.<name>`` (all optional; the defaults,
+in ``OPTIONS`` of ``sstuning_settings``, are the real system): ``proc_root``,
+``state_dir``, ``sysctl_dirs``, ``sysctl_conf``, ``modules_load_dir``,
+``init_dir``, ``service_cmd``, ``systemctl``, ``systemd_marker``,
+``systemd_dir``, ``unit_dirs``, ``ss_config_dir``.
 """
 
 import importlib
@@ -535,9 +524,11 @@ def nofile_apply(part=None, test=False):
 
 
 def _one_file(target, nofile, test, force):
+    """Plan one file and, unless ``test``, write it under the lock."""
     opts = _options()
-    number = settings_mod.validate_nofile(nofile, procfs.nr_open(opts["proc_root"]))
-    planned = limits_engine.plan_file(opts, target, number, bool(force))
+    if target["kind"] != "assignment":  # a KEY=value line takes any plain value
+        nofile = settings_mod.validate_nofile(nofile, procfs.nr_open(opts["proc_root"]))
+    planned = limits_engine.plan_file(opts, target, nofile, bool(force))
     if planned["changed"] and not test:
         with journal.lock(opts["state_dir"]):
             limits_engine.write_file(opts, planned)
@@ -584,22 +575,15 @@ def set_assignment(path, key, value, test=False, if_missing="fail", force=False)
         salt-call shadowsocks_tuning.set_assignment /etc/default/shadowsocks-libev MAXFD 51200
     """
     lines = _ENGINES["sstuning_lines"]
-    path = settings_mod.validate_path(path, "path")
     if not isinstance(key, str) or not lines.ENV_KEY.match(key):
         raise SaltInvocationError(f"key: {key!r} is not a shell variable name such as MAXFD")
-    required = settings_mod.validate_choice(if_missing, ("fail", "skip"), "if_missing") == "fail"
     if isinstance(value, bool) or not isinstance(value, (int, str)) or not lines.ENV_VALUE.match(str(value)):
         raise SaltInvocationError(
             f"{key}: {value!r} is not a plain value (letters, digits and ./:@%+,=- only; nothing a shell would expand)"
         )
-    opts = _options()
-    planned = limits_engine.plan_file(
-        opts, {"kind": "assignment", "path": path, "key": key, "required": required}, str(value), bool(force))
-    if planned["changed"] and not test:
-        with journal.lock(opts["state_dir"]):
-            limits_engine.write_file(opts, planned)
-    planned.pop("text", None)
-    return planned
+    target = {"kind": "assignment", "path": settings_mod.validate_path(path, "path"), "key": key,
+              "required": settings_mod.validate_choice(if_missing, ("fail", "skip"), "if_missing") == "fail"}
+    return _one_file(target, str(value), test, force)
 
 
 def set_minfds(path, nofile, test=False, if_missing="fail", force=False):

@@ -147,15 +147,28 @@ def render_ulimit(text, nofile, path, placement="end"):
     return _join(_keep_final_newline(lines, out)), old
 
 
+_ASSIGNMENTS = {}
+
+
+def _assignment_pattern(key):
+    """`KEY=value` and `export KEY=value`, compiled once per key."""
+    if key not in _ASSIGNMENTS:
+        _ASSIGNMENTS[key] = re.compile(
+            r"^(?P<indent>[ \t]*)(?P<export>export[ \t]+)?" + re.escape(key)
+            + r"=(?P<value>\"[^\"]*\"|'[^']*'|[^\s;&|#]*)(?P<tail>.*)$"
+        )
+    return _ASSIGNMENTS[key]
+
+
+_assignment_pattern("MAXFD")  # the one key the SLS manages, ready before the first apply
+
+
 def render_assignment(text, key, value, path):
     """Exactly one active `KEY=value` line (`export KEY=...` too): the first is
     rewritten in place, keeping its quotes and trailing comment; later ones are
     dropped; missing, it is appended. Returns (new_text, old_value or None)."""
     refuse_binary(text, path)
-    pattern = re.compile(
-        r"^(?P<indent>[ \t]*)(?P<export>export[ \t]+)?" + re.escape(key)
-        + r"=(?P<value>\"[^\"]*\"|'[^']*'|[^\s;&|#]*)(?P<tail>.*)$"
-    )
+    pattern = _assignment_pattern(key)
     lines = _split_lines(text)
     out, old = [], None
     for body, ending in lines:

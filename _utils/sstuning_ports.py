@@ -7,7 +7,6 @@ running shadowsocks processes listen on. Reads files and /proc only.
 """
 
 import contextlib
-import glob
 import json
 import os
 import socket
@@ -34,7 +33,11 @@ def config_ports(config_dir):
     directory: ``server_port``, the keys of ``port_password``, the port of
     ``manager_address`` and ``local_port``."""
     found = {}
-    for path in sorted(glob.glob(os.path.join(config_dir, "*.json"))):
+    try:
+        names = sorted(name for name in os.listdir(config_dir) if name.endswith(".json"))
+    except OSError:
+        return found
+    for path in (os.path.join(config_dir, name) for name in names):
         try:
             with open(path, "rb") as handle:
                 data = json.loads(handle.read(1 << 20).decode("utf-8", "replace"))

@@ -13,7 +13,6 @@ import ast
 import fcntl
 import json
 import os
-import pathlib
 import re
 import signal
 import stat
@@ -26,7 +25,8 @@ from saltfactories.cli.call import SaltCall
 
 import sstuning_catalogue as catalogue  # the flat engine files (pytest.ini puts _utils on sys.path)
 import sstuning_sysctld as sysctld
-from support.common import REPO
+from support import common
+from support.common import REPO, no_temporaries, state_of
 
 # Every Python file that runs on the minion: the Salt faces and the engines.
 SOURCES = [REPO / "_modules" / "shadowsocks_tuning.py", REPO / "_states" / "shadowsocks_tuning.py",
@@ -71,34 +71,12 @@ def with_fault(minion, setup, after=""):
     )
 
 
-def state_of(result):
-    """The one state return of a state.apply / state.single run."""
-    assert isinstance(result.data, dict), f"no JSON state output:\n{result.stdout}\n{result.stderr}"
-    (ret,) = result.data.values()
-    return ret
-
-
 def live_values(netns, keys=KEYS):
-    """Live values inside the namespace, normalised like the engine does;
-    None for a key the namespace does not have."""
-    code = (
-        "import json, sys\nout = {}\nfor key in sys.argv[1:]:\n"
-        "    try:\n        out[key] = ' '.join(open('/proc/sys/' + key.replace('.', '/')).read().split())\n"
-        "    except OSError:\n        out[key] = None\nprint(json.dumps(out))"
-    )
-    proc = subprocess.run(
-        ["ip", "netns", "exec", netns, sys.executable, "-c", code, *keys], capture_output=True, text=True, check=True
-    )
-    return json.loads(proc.stdout)
+    return common.live_values(netns, keys)
 
 
 def sysctl_behind_salts_back(netns, key, value):
     subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-q", "-w", f"{key}={value}"], check=True)
-
-
-def no_temporaries(root):
-    """True when no `.<name>.sst-XXXX` file of an interrupted write is left."""
-    return not [p for p in pathlib.Path(root).rglob(".*.sst-*")]
 
 
 def wanted_values(minion):

@@ -4,41 +4,17 @@ originals, no live value changed), from pillar and from the command line.
 The property-based side of the same rule is tests/unit/test_fuzz.py;
 tests/FAULTS.md is the table of these rows."""
 
-import json
-import pathlib
-import subprocess
-import sys
 
 from sstuning_catalogue import CATALOGUE  # the flat engine file (pytest.ini puts _utils on sys.path)
+from support import common
+from support.common import no_temporaries, state_of
 
 SLS = "shadowsocks.tuning.sysctl"
 KEYS = sorted(CATALOGUE)
 
 
-def state_of(result):
-    """The one state return of a state.apply / state.single run."""
-    assert isinstance(result.data, dict), f"no JSON state output:\n{result.stdout}\n{result.stderr}"
-    (ret,) = result.data.values()
-    return ret
-
-
 def live_values(netns, keys=KEYS):
-    """Live values inside the namespace; None for a key it does not have."""
-    code = (
-        "import json, sys\nout = {}\nfor key in sys.argv[1:]:\n"
-        "    try:\n        out[key] = ' '.join(open('/proc/sys/' + key.replace('.', '/')).read().split())\n"
-        "    except OSError:\n        out[key] = None\nprint(json.dumps(out))"
-    )
-    proc = subprocess.run(
-        ["ip", "netns", "exec", netns, sys.executable, "-c", code, *keys], capture_output=True, text=True, check=True
-    )
-    return json.loads(proc.stdout)
-
-
-def no_temporaries(root):
-    """True when no `.<name>.sst-XXXX` file of an interrupted write is left."""
-    return not list(pathlib.Path(root).rglob(".*.sst-*"))
-
+    return common.live_values(netns, keys)
 
 SALT_CALL_CASES = [
     ({"sysctls": {"net/../../etc/shadow": 1}}, "'net/../../etc/shadow': malformed"),

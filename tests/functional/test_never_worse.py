@@ -5,7 +5,6 @@ not persisted, and the ports shadowsocks listens on are reserved."""
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 

@@ -19,6 +19,7 @@ import pytest
 import sstuning_limits as limits_engine  # the flat engine files (pytest.ini puts _utils on sys.path)
 import sstuning_lines as lines
 import sstuning_procfs as procfs
+from support.common import FAKE_INIT
 
 # The state IDs of salt/shadowsocks/tuning/nofile.sls: one per part of pillar
 # `limits` (write its files, then stop and start what changed), then the proof.
@@ -30,32 +31,6 @@ VERIFY = "shadowsocks-tuning-nofile-verify"
 ACTING = (SUPERVISOR, SSLIBEV, SCRIPTS, UNITS)
 
 
-# An init script in the shape of Debian's /etc/init.d/supervisor: it sources a
-# defaults file, then starts a daemon that writes a pidfile.
-FAKE_INIT = """#!/bin/sh
-### BEGIN INIT INFO
-# Provides:          {name}
-### END INIT INFO
-PIDFILE={root}/run/{name}.pid
-[ -f {defaults} ] && . {defaults}
-running() {{ [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }}
-case "$1" in
-  start)
-    running && exit 0
-    {root}/bin/{daemon} 300 </dev/null >/dev/null 2>&1 &
-    echo $! > "$PIDFILE"
-    ;;
-  stop)
-    running && kill "$(cat "$PIDFILE")"
-    rm -f "$PIDFILE"
-    ;;
-  status)
-    running || exit 3
-    ;;
-  *) exit 3 ;;
-esac
-exit 0
-"""
 BROKEN_INIT = """#!/bin/sh
 case "$1" in
   start) echo "broken: cannot bind 0.0.0.0:8388" >&2; exit 1 ;;
@@ -105,7 +80,7 @@ class Box:
 
     def init(self, name, daemon, defaults):
         path = self.root / "init.d" / name
-        path.write_text(FAKE_INIT.format(name=name, root=self.root, daemon=daemon, defaults=defaults))
+        path.write_text(FAKE_INIT.format(name=name, root=self.root, daemon=daemon, defaults=defaults, calls='/dev/null'))
         path.chmod(0o755)
         return path
 

@@ -26,6 +26,7 @@ import pytest
 
 import sstuning_catalogue as catalogue  # the flat engine files (pytest.ini puts _utils on sys.path)
 import sstuning_procfs as procfs
+from support.common import FAKE_INIT
 
 SYSCTL = "shadowsocks-tuning-sysctl"
 SUPERVISOR = "shadowsocks-tuning-nofile-supervisor"
@@ -38,34 +39,6 @@ LIMIT_STATES = (SUPERVISOR, SSLIBEV, SCRIPTS, UNITS)
 SLS = "shadowsocks.tuning"
 OLD_CONF = b"# owned by ops\nnet.core.somaxconn = 1024\n"
 
-# An init script in the shape of Debian's /etc/init.d/supervisor: it sources
-# a defaults file, then starts a daemon that writes a pidfile. Every call is
-# appended to a log, so a test can tell that nothing stopped or started it.
-FAKE_INIT = """#!/bin/sh
-### BEGIN INIT INFO
-# Provides:          {name}
-### END INIT INFO
-echo "$1" >> {calls}
-PIDFILE={root}/run/{name}.pid
-[ -f {defaults} ] && . {defaults}
-running() {{ [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }}
-case "$1" in
-  start)
-    running && exit 0
-    {root}/bin/{daemon} 300 </dev/null >/dev/null 2>&1 &
-    echo $! > "$PIDFILE"
-    ;;
-  stop)
-    running && kill "$(cat "$PIDFILE")"
-    rm -f "$PIDFILE"
-    ;;
-  status)
-    running || exit 3
-    ;;
-  *) exit 3 ;;
-esac
-exit 0
-"""
 
 # Bind copies over the host directories a default pillar path would name.
 GUARDED_DIRS = ("/etc/default", "/etc/supervisor", "/etc/sysctl.d")

@@ -42,8 +42,6 @@ TUNING = {
         "nofile": 2048,
         "profile": "low-memory",
         "sysctls": {"net.core.somaxconn": 8192},
-        # low-memory wants cubic, which a child namespace may not use here
-        "congestion_fallback": "reno",
     },
     "ss-edge": {
         "nofile": 3072,
@@ -60,8 +58,10 @@ EXPECT = {
         "net.ipv4.tcp_fin_timeout": "30", "net.ipv4.tcp_keepalive_time": "1200",
         "net.ipv4.tcp_wmem": "4096 65536 67108864",
     },
+    # low-memory only asks for the kernel's default congestion control: the
+    # one the namespace inherited stays (checked with the unchanged keys).
     "ss-lowmem": {
-        "net.core.somaxconn": "8192", "net.ipv4.tcp_congestion_control": "reno",
+        "net.core.somaxconn": "8192",
         "net.ipv4.tcp_fin_timeout": "30", "net.ipv4.tcp_keepalive_time": "1200",
         "net.ipv4.tcp_wmem": "4096 16384 4194304",
     },

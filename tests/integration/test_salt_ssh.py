@@ -35,7 +35,7 @@ BOX_WANTS = {
     "net.core.somaxconn": "8192",
     "net.ipv4.tcp_fin_timeout": "20",
     "net.ipv4.tcp_keepalive_time": "1200",
-    "net.ipv4.ip_local_port_range": "10000 65000",
+    "net.ipv4.ip_local_port_range": "10000 65001",
     "net.ipv4.tcp_fastopen": "3",
     "net.ipv4.tcp_congestion_control": "bbr",
 }
