@@ -17,6 +17,7 @@ in ``OPTIONS`` of ``sstuning_settings``, are the real system): ``proc_root``,
 ``systemd_dir``, ``unit_dirs``, ``ss_config_dir``.
 """
 
+import contextlib
 import importlib
 import importlib.machinery
 import os
@@ -425,7 +426,7 @@ def clean(test=False):
         salt-call shadowsocks_tuning.clean
     """
     opts = _options()
-    with journal.lock(opts["state_dir"]):
+    with contextlib.nullcontext() if test else journal.lock(opts["state_dir"]):
         return journal.restore(opts["state_dir"], opts["proc_root"], bool(test))
 
 
@@ -504,7 +505,8 @@ def nofile_apply(part=None, test=False):
         settings_mod.validate_choice(part, settings_mod.LIMITS_PARTS, "part")]
     # The kernel half is planned as a dry run here: this call loads no module.
     arguments = {}
-    with journal.lock(_options()["state_dir"]):
+    # A dry run takes no lock: it must not even create state_dir.
+    with contextlib.nullcontext() if test else journal.lock(_options()["state_dir"]):
         resolved, opts, _, planned, errors = _prepare(arguments, test=True)
         if errors:
             _fail(errors)

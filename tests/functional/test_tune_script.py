@@ -4,6 +4,7 @@ the open-file limit this box can grant, and reports bad input in its own words.
 TUNE_PYTHON points it at this test run's Python (Salt installed) instead of
 building .venv-tune."""
 
+import os
 import resource
 import subprocess
 import sys
@@ -19,6 +20,8 @@ def tune(netns, *args):
 
 
 def test_the_dry_run_ends_with_the_command_that_applies_it(netns, tmp_path):
+    state_dir = "/var/lib/shadowsocks_tuning"
+    existed = os.path.exists(state_dir)
     before = subprocess.run(["ip", "netns", "exec", netns, "cat", "/proc/sys/net/ipv4/tcp_fin_timeout"],
                             capture_output=True, text=True, check=True).stdout
     done = tune(netns)
@@ -29,9 +32,11 @@ def test_the_dry_run_ends_with_the_command_that_applies_it(netns, tmp_path):
     if hard != resource.RLIM_INFINITY and hard < 51200:
         assert f"using --nofile {hard}" in done.stdout
         assert f"./tune --apply --nofile {hard}" in last
+    state_dir_made = not existed and os.path.exists(state_dir)
     after = subprocess.run(["ip", "netns", "exec", netns, "cat", "/proc/sys/net/ipv4/tcp_fin_timeout"],
                            capture_output=True, text=True, check=True).stdout
     assert after == before, "the dry run wrote the kernel"
+    assert not state_dir_made, "the dry run created /var/lib/shadowsocks_tuning"
 
 
 def test_bad_arguments_and_a_bad_pillar_are_reported_plainly(netns, tmp_path):
