@@ -9,7 +9,6 @@ import os
 import re
 import pathlib
 import resource
-import signal
 import stat
 import subprocess
 import time
@@ -19,7 +18,7 @@ import pytest
 import sstuning_limits as limits_engine  # the flat engine files (pytest.ini puts _utils on sys.path)
 import sstuning_lines as lines
 import sstuning_procfs as procfs
-from support.common import FAKE_INIT
+from support.common import FAKE_INIT, kill_started_from
 
 # The state IDs of salt/shadowsocks/tuning/nofile.sls: one per part of pillar
 # `limits` (write its files, then stop and start what changed), then the proof.
@@ -137,17 +136,7 @@ class Box:
         return {ret["__id__"]: ret for ret in result.data.values()}
 
     def stop_all(self):
-        """Stop every process started from this box's bin/ (found by its
-        unique path, stopped by pid)."""
-        prefix = str(self.root / "bin") + "/"
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                argv = procfs.proc_argv(int(entry))
-                if argv and argv[0].startswith(prefix):
-                    try:
-                        os.kill(int(entry), signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+        kill_started_from(self.root / "bin")
 
 
 @pytest.fixture

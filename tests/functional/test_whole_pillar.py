@@ -17,7 +17,6 @@ import os
 import pathlib
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import pytest
 
 import sstuning_catalogue as catalogue  # the flat engine files (pytest.ini puts _utils on sys.path)
 import sstuning_procfs as procfs
-from support.common import FAKE_INIT
+from support.common import FAKE_INIT, kill_started_from
 
 SYSCTL = "shadowsocks-tuning-sysctl"
 SUPERVISOR = "shadowsocks-tuning-nofile-supervisor"
@@ -164,16 +163,7 @@ class Box:
         return {ret["__id__"]: ret for ret in result.data.values()}
 
     def stop_all(self):
-        """Stop every process started from this box's bin/ (found by its unique path, stopped by pid)."""
-        prefix = str(self.root / "bin") + "/"
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                argv = procfs.proc_argv(int(entry))
-                if argv and argv[0].startswith(prefix):
-                    try:
-                        os.kill(int(entry), signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+        kill_started_from(self.root / "bin")
 
 
 @pytest.fixture

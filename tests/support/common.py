@@ -3,7 +3,9 @@ tests/conftest.py and tests/integration/conftest.py are both module `conftest`,
 so `from conftest import ...` would pick whichever pytest loaded last."""
 
 import json
+import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -73,3 +75,19 @@ case "$1" in
 esac
 exit 0
 """
+
+
+def kill_started_from(directory):
+    """SIGKILL every process whose program lies in ``directory`` (the fake
+    daemons a test started there, found by their unique path)."""
+    prefix = str(directory).rstrip("/") + "/"
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                program = handle.read().split(b"\0", 1)[0].decode("utf-8", "replace")
+            if program.startswith(prefix):
+                os.kill(int(entry), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
