@@ -457,7 +457,8 @@ def nofile_check(nofile=None, limits=None):
     supervisord config without ``[supervisord]``), missing init scripts, and
     whether this process can grant N at all to the services it restarts.
     Returns ``{"ok", "nofile", "init_system", "grantable", "manage",
-    "skipped", "errors", "notes"}``; writes nothing.
+    "skipped", "errors", "notes", "verify"}`` (``verify``: the pidfiles and
+    wait of pillar ``limits:verify``); writes nothing.
 
     CLI Example:
 
@@ -470,7 +471,7 @@ def nofile_check(nofile=None, limits=None):
         resolved, _, _, planned, errors = _prepare({"nofile": nofile, "limits": limits}, test=True)
     except SaltInvocationError as exc:
         return {"ok": False, "nofile": None, "init_system": None, "grantable": None, "manage": [], "skipped": [],
-                "errors": [str(exc)], "notes": []}
+                "errors": [str(exc)], "notes": [], "verify": None}
     notes = ["not installed, left alone: " + ", ".join(planned["skipped"])] if planned["skipped"] else []
     return {
         "ok": not errors,
@@ -481,6 +482,7 @@ def nofile_check(nofile=None, limits=None):
         "skipped": planned["skipped"],
         "errors": errors,
         "notes": notes,
+        "verify": resolved["verify"],
     }
 
 

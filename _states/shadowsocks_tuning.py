@@ -354,10 +354,8 @@ def nofile_reached(name, nofile=None, pidfiles=None, names=None, wait=None):
                 lines = lines + [__salt__["shadowsocks_tuning.nofile"](wanted=nofile, names=names)["comment"]]
             ret["comment"] = "\n".join(lines)
             return ret
-        if pidfiles is None or wait is None:
-            verify = __salt__["shadowsocks_tuning.settings"](nofile=nofile)["verify"]
-            pidfiles = verify["pidfiles"] if pidfiles is None else pidfiles
-            wait = verify["wait"] if wait is None else wait
+        pidfiles = check["verify"]["pidfiles"] if pidfiles is None else pidfiles
+        wait = check["verify"]["wait"] if wait is None else wait
         report = __salt__["shadowsocks_tuning.nofile"](
             wanted=nofile, names=names, pidfiles=pidfiles, wait=0 if __opts__["test"] else wait
         )
