@@ -85,11 +85,13 @@ def tuned(name, profile=None, sysctls=None, config=None, force=None, policy=None
     return ret
 
 
-def cleaned(name):
+def cleaned(name, force=False):
     """
     Undo ``tuned``: the live sysctls go back to the values found before the
     first change, and every file this package changed is restored byte for
-    byte (or removed if it created it).
+    byte (or removed if it created it; lines added to it since are kept).
+    Lines added since to a file that existed would be lost: the state fails
+    and names them, unless ``force`` is true.
 
     CLI Example:
 
@@ -99,17 +101,19 @@ def cleaned(name):
     """
     ret = {"name": name, "result": False, "changes": {}, "comment": ""}
     try:
-        changes = __salt__["shadowsocks_tuning.clean"](test=__opts__["test"])
+        changes = __salt__["shadowsocks_tuning.clean"](test=__opts__["test"], force=force)
     except (CommandExecutionError, SaltInvocationError) as exc:
         ret["comment"] = str(exc)
         return ret
     ret["changes"] = changes
+    notes = [f"{path}: {what} {change[what]}" for path, change in changes.items() for what in ("kept", "lost")
+             if what in change]
     if not changes:
         ret.update(result=True, comment="Nothing to undo: no change by shadowsocks_tuning is on record")
     elif __opts__["test"]:
-        ret.update(result=None, comment=f"{len(changes)} item(s) would be put back")
+        ret.update(result=None, comment="\n".join([f"{len(changes)} item(s) would be put back"] + notes))
     else:
-        ret.update(result=True, comment=f"{len(changes)} item(s) put back")
+        ret.update(result=True, comment="\n".join([f"{len(changes)} item(s) put back"] + notes))
     return ret
 
 
@@ -292,7 +296,7 @@ def systemd_nofile(name, nofile, if_missing="fail"):
                        if_missing=if_missing)
 
 
-def service_restarted(name, pidfile=None, when=None, init_system=None, timeout=None):
+def service_restarted(name, pidfile=None, when=None, init_system=None, timeout=None, grace=None):
     """
     Stop the service, wait until it is gone, start it again, and fail naming
     it if it does not come back. Meant for ``onchanges`` on the file states:
@@ -309,9 +313,11 @@ def service_restarted(name, pidfile=None, when=None, init_system=None, timeout=N
         ``auto``, ``systemd`` or ``sysvinit``.
     timeout
         Seconds for the stop and for the start.
+    grace
+        Seconds the daemon must stay up after it started (a crash loop fails).
 
-    Left out, ``when``, ``init_system`` and ``timeout`` come from pillar
-    ``shadowsocks:tuning:limits`` (``restart``, ``init_system``, ``timeout``).
+    Left out, ``when``, ``init_system``, ``timeout`` and ``grace`` come from
+    pillar ``shadowsocks:tuning:limits``.
 
     CLI Example:
 
@@ -320,7 +326,7 @@ def service_restarted(name, pidfile=None, when=None, init_system=None, timeout=N
         salt-call state.single shadowsocks_tuning.service_restarted name=supervisor pidfile=/var/run/supervisord.pid test=True
     """
     return _outcome_state(name, "shadowsocks_tuning.stop_start", "name", name,
-                          pidfile=pidfile, when=when, init=init_system, timeout=timeout)
+                          pidfile=pidfile, when=when, init=init_system, timeout=timeout, grace=grace)
 
 
 def nofile_reached(name, nofile=None, pidfiles=None, names=None, wait=None):

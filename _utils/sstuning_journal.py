@@ -7,6 +7,7 @@ takes the paths it works on.
 """
 
 import base64
+import collections
 import contextlib
 import difflib
 import fcntl
@@ -15,9 +16,10 @@ import os
 import stat
 import tempfile
 
-from salt.exceptions import CommandExecutionError
+from salt.exceptions import CommandExecutionError, SaltInvocationError
 
 import sstuning_procfs as procfs
+from sstuning_catalogue import validate_key
 
 _TEMP_MARK = ".sst-"
 _KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket",
@@ -149,21 +151,96 @@ def originals_path(state_dir):
     return os.path.join(state_dir, "originals.json")
 
 
+_SECTIONS = ("sysctls", "files", "written")
+
+
 def load_originals(state_dir):
-    """``{"sysctls": {key: value}, "files": {path: base64 or None}}``."""
+    """``{"sysctls": {key: value}, "files": {path: base64 or None},
+    "written": {path: base64}}``: the first value of each key and the first
+    content of each file (None: it did not exist), and what this package
+    last wrote into each file. The document is checked whole: a record of
+    the wrong shape is refused with one message, never half used."""
     path = originals_path(state_dir)
-    text = read_managed(path)
-    if not text:
-        return {"sysctls": {}, "files": {}}
+    how = (f"it is this package's own record: put back the copy you edited, or move it away "
+           f"(mv {path} {path}.bad) and run again; clean then has nothing to put back")
     try:
-        return json.loads(text)
-    except ValueError:
-        raise CommandExecutionError(f"{path} is corrupt; move it away and run again")
+        text = read_managed(path)
+    except NotRegularFile as exc:
+        raise CommandExecutionError(f"{exc}; {how}")
+    if not text:
+        return {name: {} for name in _SECTIONS}
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        problems = [f"not JSON ({exc})"]
+    else:
+        problems = record_problems(data)
+    if problems:
+        raise CommandExecutionError(f"{path} is not a valid record of originals: {'; '.join(problems[:4])}; {how}")
+    return {name: data.get(name, {}) for name in _SECTIONS}
 
 
-def remember(state_dir, originals, sysctls=None, files=None):
+def valid_record_path(path):
+    """Absolute, normalised (no ``..``, ``.`` or ``//``), no control characters."""
+    return (isinstance(path, str) and os.path.isabs(path) and os.path.normpath(path) == path
+            and not any(ord(c) < 32 for c in path))
+
+
+def _base64_problem(raw):
+    try:
+        base64.b64decode(raw, validate=True)
+    except (TypeError, ValueError):
+        return "is not base64"
+    return None
+
+
+def record_problems(data):
+    """What is wrong with a parsed originals document, as short phrases."""
+    if not isinstance(data, dict):
+        return [f"the document is {type(data).__name__ if data is not None else 'null'}, not a mapping"]
+    problems = [f"unknown entry {name!r}" for name in data if name not in _SECTIONS]
+    for name in _SECTIONS:
+        if name in data and not isinstance(data[name], dict):
+            problems.append(f"{name!r} is {type(data[name]).__name__}, not a mapping")
+    if problems:
+        return problems
+    for key, value in data.get("sysctls", {}).items():
+        try:
+            validate_key(key)
+        except SaltInvocationError:
+            problems.append(f"sysctls: {key!r} is not a sysctl name")
+            continue
+        if not isinstance(value, str) or any(ord(c) < 32 and c != "\t" for c in value):
+            problems.append(f"sysctls: {key}: {value!r} is not a sysctl value")
+    for name in ("files", "written"):
+        for path, raw in data.get(name, {}).items():
+            if not valid_record_path(path):
+                problems.append(f"{name}: {path!r} is not an absolute, normalised path")
+            elif name == "written" and path not in data.get("files", {}):
+                problems.append(f"written: {path} has no original")
+            elif raw is not None or name == "written":
+                problem = _base64_problem(raw) if isinstance(raw, str) else "is not a text"
+                if problem:
+                    problems.append(f"{name}: {path}: the saved content {problem}")
+    return problems
+
+
+def _raw_bytes(path):
+    """A file's bytes for the record, None when it does not exist. Never
+    through a link: callers have read it with ``read_managed`` already."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
+
+
+def remember(state_dir, originals, sysctls=None, files=None, written=None):
     """Record the first value of each key and the first content of each file
-    (None: it did not exist); later changes never overwrite a record."""
+    (None: it did not exist); later changes never overwrite a record. Also
+    record ``written`` ({path: text this package is about to write}), so
+    that ``clean`` can tell the lines it wrote from lines added since."""
     changed = False
     for key, value in (sysctls or {}).items():
         if key not in originals["sysctls"]:
@@ -171,11 +248,13 @@ def remember(state_dir, originals, sysctls=None, files=None):
             changed = True
     for path in files or ():
         if path not in originals["files"]:
-            raw = None
-            with contextlib.suppress(FileNotFoundError):
-                with open(path, "rb") as handle:
-                    raw = base64.b64encode(handle.read()).decode()
-            originals["files"][path] = raw
+            raw = _raw_bytes(path)
+            originals["files"][path] = None if raw is None else base64.b64encode(raw).decode()
+            changed = True
+    for path, text in (written or {}).items():
+        encoded = base64.b64encode(text.encode("utf-8", "surrogateescape")).decode()
+        if originals["written"].get(path) != encoded:
+            originals["written"][path] = encoded
             changed = True
     if changed:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -215,37 +294,109 @@ def lock(state_dir):
         os.umask(umask)
 
 
-def restore(state_dir, proc_root, test):
+def _lines(text):
+    return (text or "").splitlines(keepends=True)
+
+
+def put_back(original, written, current):
+    """What ``clean`` makes of one file: ``(text or None to remove it,
+    lines kept, lines lost)``. ``original``: the text before the first change
+    (None: it did not exist); ``written``: what this package last wrote (None:
+    not recorded); ``current``: the text now. Lines added since this package
+    wrote the file are kept in a file it created; in a file that existed they
+    would be lost by putting the original back, so they are returned as lost."""
+    if current is None or current == original or written is None or current == written:
+        return original, [], []
+    ours = collections.Counter(_lines(written))
+    added = []
+    for line in _lines(current):
+        if ours[line]:
+            ours[line] -= 1
+        else:
+            added.append(line)
+    if original is None:
+        kept = [line for line in added if line.strip()]
+        return ("".join(added) if kept else None), kept, []
+    before = set(_lines(original))
+    return original, [], [line for line in added if line not in before and line.strip()]
+
+
+def _quoted(lines_):
+    return ", ".join(repr(line.rstrip("\n")) for line in lines_[:5]) + (" ..." if len(lines_) > 5 else "")
+
+
+def restore(state_dir, proc_root, managed, test, force=False):
     """Put back what the originals record: live sysctls first, then every
-    file byte for byte (removing those this package created). Returns
-    ``{key or path: change}``; under ``test`` only reports. Call under the lock."""
-    originals = load_originals(state_dir)
-    changes, failed = {}, []
+    file byte for byte (removing those this package created; keeping lines
+    added to them since). Every entry is checked before anything is written:
+    a path the current settings do not manage (``managed``), a file that is
+    now a link or not a regular file, or lines added since to a file that
+    existed (unless ``force``) stop the whole clean. Returns ``{key or path:
+    change}``; under ``test`` only reports. Call under the lock."""
+    try:
+        originals = load_originals(state_dir)
+    except CommandExecutionError as exc:
+        raise CommandExecutionError(f"clean: {exc}\nNothing was changed")
+    record = originals_path(state_dir)
+    changes, problems, writes = {}, [], []
     for key, value in originals["sysctls"].items():
         current = procfs.read_or(proc_root, key)
-        if current is None or current == value:
+        if current is not None and current != value:
+            changes[key] = {"old": current, "new": value}
+            writes.append((key, value))
+    files = []
+    for path, raw in sorted(originals["files"].items()):
+        if path not in managed:
+            problems.append(
+                f"{record} lists {path}, which the current settings do not manage: put back the pillar that "
+                "managed it (the pillar changed since the apply?), or remove that entry from the record"
+            )
             continue
-        changes[key] = {"old": current, "new": value}
-        if not test:
-            try:
-                procfs.write(proc_root, key, value)
-            except OSError as exc:
-                failed.append(f"{key}: {exc.strerror or exc}")
-    for path, raw in originals["files"].items():
-        current = read_managed(path)  # a link planted since is refused, not followed
-        if raw is None:
-            if current is not None:
-                changes[path] = {"old": "managed", "new": "removed (it did not exist before)"}
-                if not test:
-                    os.unlink(path)
+        try:
+            current = read_managed(path)  # a link planted since is refused, not followed
+        except OSError as exc:
+            problems.append(str(exc) if isinstance(exc, NotRegularFile) else f"{path}: cannot read: {exc.strerror}")
             continue
-        content = original_text(raw)
-        if current != content:
-            changes[path] = {"diff": file_change(path, content, current)["diff"]}
-            if not test:
-                atomic_write(path, content)
+        written = originals["written"].get(path)
+        original = None if raw is None else original_text(raw)
+        text, kept, lost = put_back(original, None if written is None else original_text(written), current)
+        if lost and not force:
+            problems.append(
+                f"{path} changed since this package wrote it: putting back the original would lose "
+                f"{len(lost)} line(s) added since: {_quoted(lost)}; copy them elsewhere first, or run clean "
+                "with force=True to put back the original anyway"
+            )
+            continue
+        if text == current:
+            continue
+        if text is None:
+            changes[path] = {"old": "managed", "new": "removed (it did not exist before)"}
+        else:
+            changes[path] = {"diff": file_change(path, text, current)["diff"]}
+            if kept:
+                changes[path]["kept"] = f"{len(kept)} line(s) added since this package wrote it: {_quoted(kept)}"
+            if lost:
+                changes[path]["lost"] = f"{len(lost)} line(s) added since (force): {_quoted(lost)}"
+        files.append((path, text))
+    if problems:
+        raise CommandExecutionError("clean: " + "\n".join(problems) + "\nNothing was changed")
+    if test:
+        return changes
+    failed = []
+    for key, value in writes:
+        try:
+            procfs.write(proc_root, key, value)
+        except OSError as exc:
+            failed.append(f"{key}: {exc.strerror or exc}")
+    for path, text in files:
+        try:
+            if text is None:
+                os.unlink(path)
+            else:
+                atomic_write(path, text)
+        except OSError as exc:
+            failed.append(f"{path}: {exc.strerror or exc}")
     if failed:
         raise CommandExecutionError("clean: could not put back " + "; ".join(failed))
-    if not test:
-        forget_originals(state_dir)
+    forget_originals(state_dir)
     return changes

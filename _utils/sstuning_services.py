@@ -8,6 +8,7 @@ configured. Never the init script's ``restart``: Debian 12's
 
 import contextlib
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -15,7 +16,9 @@ import time
 
 from salt.exceptions import CommandExecutionError
 
+import sstuning_ports as ports
 import sstuning_procfs as procfs
+from sstuning_catalogue import SS_PROCESS_NAMES, SUPERVISORD_NAME
 from sstuning_settings import LIMITS, OPTIONS
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -80,11 +83,41 @@ def _service_argv(opts, name, action):
     return [script, action]
 
 
+# Debian's init scripts name their program in a `DAEMON=/usr/bin/supervisord` line.
+_DAEMON_LINE = re.compile(r"^\s*DAEMON=[\"']?([^\"'\s#;]+)", re.MULTILINE)
+
+
+def daemon_names(opts, name):
+    """The names the daemon of service ``name`` may run under: the program of
+    its init script's ``DAEMON=`` line, else the service's own name,
+    supervisord or a shadowsocks program."""
+    with contextlib.suppress(OSError):
+        with open(os.path.join(opts["init_dir"], name), "rb") as handle:
+            found = _DAEMON_LINE.search(handle.read(1 << 16).decode("utf-8", "replace"))
+        if found:
+            return {os.path.basename(found.group(1))}
+    return {name, SUPERVISORD_NAME, *SS_PROCESS_NAMES}
+
+
+def _pidfile_daemon(opts, name, pidfile):
+    """(pid, None) when ``pidfile`` names a live process that is the daemon
+    of ``name``; (None, why) when it names another program (a stale pidfile
+    whose pid was reused: never signalled, never waited for); (None, None)."""
+    pid = procfs.pid_from(pidfile)
+    stat = procfs.proc_stat(pid) if pid else None
+    if stat is None or stat[1] == "Z":
+        return None, None
+    names = daemon_names(opts, name)
+    if procfs.match_name(stat[0], procfs.proc_argv(pid), names):
+        return pid, None
+    return None, (f"{pidfile} names pid {pid}, which runs {stat[0]}, not {' or '.join(sorted(names)[:4])}: "
+                  "a stale pidfile; that process was left alone")
+
+
 def _sysv_running(opts, name, pidfile):
     """The daemon's pid (from its pidfile), True (status exit 0), or None."""
     if pidfile:
-        pid = procfs.pid_from(pidfile)
-        return pid if pid and procfs.alive(pid) else None
+        return _pidfile_daemon(opts, name, pidfile)[0]
     rc, _ = run_service(_service_argv(opts, name, "status"), 30)
     return True if rc == 0 else None
 
@@ -110,19 +143,42 @@ def _describe_run(argv, rc, output):
     return f"`{' '.join(argv)}` exited {rc}" + (f": {output[-600:]}" if output else "")
 
 
-def sysv_stop_start(opts, name, pidfile, when, timeout, test):
-    running = _sysv_running(opts, name, pidfile)
+def _cut(pid):
+    """What stopping the daemon ``pid`` cuts, for the comment."""
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return "live connections not counted (no pidfile)"
+    count = ports.live_connections(pid)
+    return f"{count} live TCP connection(s) of its processes cut" if count else "no live TCP connection cut"
+
+
+def _stays_up(running, grace):
+    """Poll ``running()`` for ``grace`` seconds: False as soon as it is not
+    running (a daemon that dies right after it started: a crash loop)."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not running():
+            return False
+        time.sleep(0.2)
+    return bool(running())
+
+
+def sysv_stop_start(opts, name, pidfile, when, timeout, grace, test):
+    pid, stale = _pidfile_daemon(opts, name, pidfile) if pidfile else (None, None)
+    running = pid if pidfile else _sysv_running(opts, name, None)
     old = f"running (pid {running})" if running not in (None, True) else ("running" if running else "stopped")
     result = {"name": name, "changed": False, "old": old, "new": old}
+    note = f" ({stale})" if stale else ""
     if when == "never":
         result["comment"] = f"{name}: restart is off (restart: never); stop and start it yourself for the new limit"
         return result
     if running is None and when == "running":
-        result["comment"] = f"{name} is not running: left stopped (it gets the new limit when it starts)"
+        result["comment"] = f"{name} is not running: left stopped (it gets the new limit when it starts){note}"
         return result
+    cut = _cut(running) if running is not None else "it was not running"
     if test:
         result.update(changed=True, new="stopped and started",
-                      comment=f"{name} would be stopped and started (service {name} stop, then start)")
+                      comment=f"{name} would be stopped and started (service {name} stop, then start): "
+                              f"{cut.replace(' cut', ' would be cut')}{note}")
         return result
     if running is not None:
         argv = _service_argv(opts, name, "stop")
@@ -143,9 +199,15 @@ def sysv_stop_start(opts, name, pidfile, when, timeout, test):
     if not now:
         raise CommandExecutionError(
             f"service {name} failed to start: not running {timeout} s after {_describe_run(argv, rc, output)}"
+            f"{note}"
+        )
+    if not _stays_up(lambda: _sysv_running(opts, name, pidfile), grace):
+        raise CommandExecutionError(
+            f"service {name} started (pid {now}) but did not stay up for {grace} s: it dies right after it starts "
+            f"(a crash loop?); it does not run now: see its log ({cut})"
         )
     result.update(changed=True, new=f"running (pid {now})" if now is not True else "running",
-                  comment=f"{name} stopped and started")
+                  comment=f"{name} stopped and started: {cut}{note}")
     return result
 
 
@@ -157,7 +219,12 @@ def _systemctl(opts):
     return binary
 
 
-def systemd_restart(opts, unit, when, timeout, test):
+def _main_pid(systemctl, unit, timeout):
+    rc, output = run_service([systemctl, "show", "--property=MainPID", "--value", "--", unit], timeout)
+    return int(output) if rc == 0 and output.isdigit() and int(output) > 0 else None
+
+
+def systemd_restart(opts, unit, when, timeout, grace, test):
     template = unit.endswith("@.service")
     target = unit[: -len("@.service")] + "@*.service" if template else unit
     result = {"name": unit, "changed": False, "old": None, "new": None}
@@ -178,15 +245,24 @@ def systemd_restart(opts, unit, when, timeout, test):
     # A template's instances are matched by pattern; only loaded (running) ones restart.
     action = "try-restart" if when == "running" or template else "restart"
     commands = [[systemctl, "daemon-reload"], [systemctl, action, "--", target]]
+    # A template's instances are many processes: their connections are not counted.
+    cut = "live connections not counted (template unit)" if template else _cut(_main_pid(systemctl, unit, timeout))
     if test:
         result.update(changed=True, new="restarted",
-                      comment=f"would run: {'; '.join(' '.join(c[1:]) for c in commands)}")
+                      comment=f"would run: {'; '.join(' '.join(c[1:]) for c in commands)}: "
+                              f"{cut.replace(' cut', ' would be cut')}")
         return result
     for argv in commands:
         rc, output = run_service(argv, timeout)
         if rc != 0:
             raise CommandExecutionError(f"{unit} failed to restart: {_describe_run(argv, rc, output)}")
-    result.update(changed=True, new="restarted", comment=f"{target}: daemon-reload, {action}")
+    active = [systemctl, "is-active", "--quiet", "--", unit]
+    if not template and not _stays_up(lambda: run_service(active, timeout)[0] == 0, grace):
+        raise CommandExecutionError(
+            f"{unit} restarted but did not stay active for {grace} s: it dies right after it starts (a crash "
+            f"loop?): see systemctl status {unit}"
+        )
+    result.update(changed=True, new="restarted", comment=f"{target}: daemon-reload, {action}: {cut}")
     return result
 
 

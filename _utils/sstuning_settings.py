@@ -59,6 +59,7 @@ DEFAULTS = {
         "init_system": "auto",
         "restart": "running",
         "timeout": 30,
+        "grace": 2,  # seconds a restarted daemon must stay up: one that dies at once is a failure
         "supervisor": {
             "service": "supervisor",
             "pidfile": "/var/run/supervisord.pid",
@@ -172,6 +173,10 @@ def validate_seconds(value, where, low=1, high=600):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise SaltInvocationError(f"{where}: {value!r} must be a number of seconds from {low} to {high}")
     return value
+
+
+def validate_grace(value, where):
+    return validate_seconds(value, where, low=0, high=60)
 
 
 def validate_config(config, where):
@@ -437,6 +442,7 @@ def _resolve_limits(settings, pick, errors, nr_open, systemd):
     settings["init_system"] = "systemd" if use_systemd else "sysvinit"
     settings["restart"] = errors.call(validate_choice, limits["restart"], RESTART_WHEN, f"{where}:restart")
     settings["timeout"] = errors.call(validate_seconds, limits["timeout"], f"{where}:timeout")
+    settings["grace"] = errors.call(validate_grace, limits["grace"], f"{where}:grace")
 
     def section(name):
         data = limits.get(name)

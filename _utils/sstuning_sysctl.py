@@ -285,6 +285,11 @@ def _plan(settings, opts, test):
     return plan
 
 
+def managed_paths(settings, opts):
+    """The files the sysctl half manages (``clean`` puts back no other)."""
+    return {settings["config"], os.path.join(opts["modules_load_dir"], MODULES_LOAD_NAME)}
+
+
 def _modules_load(modules_load_dir, module):
     """(path, new text) of the modules-load.d file that loads `module` at boot; text None: nothing to add."""
     if not module:
@@ -371,8 +376,11 @@ def apply(settings, opts, prepared):
         return prepared
     files = [config] + ([prepared["modules_load"][0]] if prepared["modules_load"] else [])
     try:
+        written = {config: prepared["config_text"]} if prepared["config_text"] is not None else {}
+        if prepared["modules_load"]:
+            written[prepared["modules_load"][0]] = prepared["modules_load"][1]
         journal.remember(state_dir, journal.load_originals(state_dir),
-                         {k: old for k, (old, _) in prepared["writes"].items()}, files)
+                         {k: old for k, (old, _) in prepared["writes"].items()}, files, written)
     except OSError as exc:
         raise CommandExecutionError(
             f"cannot save the original values in {state_dir}: {exc.strerror or exc}; nothing was changed"

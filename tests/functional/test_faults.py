@@ -21,6 +21,7 @@ import sys
 import time
 
 import attr
+import pytest
 from saltfactories.cli.call import SaltCall
 
 import sstuning_catalogue as catalogue  # the flat engine files (pytest.ini puts _utils on sys.path)
@@ -525,6 +526,61 @@ def test_a_symlinked_config_is_refused_and_its_target_not_copied(masterless, tmp
     assert link.is_symlink() and secret.read_text().startswith("root:") and stat.S_IMODE(secret.stat().st_mode) == 0o600
     assert not (masterless.root / "state" / "originals.json").exists()
     assert live_values(masterless.netns) == before
+
+
+# --------------------------------------------------------------------------
+# Row 8: its own record of originals, and edits made after an apply
+# --------------------------------------------------------------------------
+def test_clean_keeps_a_line_added_to_the_file_it_created(masterless):
+    before = live_values(masterless.netns)
+    assert state_of(masterless.run("state.apply", SLS))["result"] is True
+    with masterless.config.open("a") as handle:
+        handle.write("vm.swappiness = 10\n")  # the admin's own line, after the apply
+    predicted = state_of(masterless.run("state.apply", "shadowsocks.tuning.clean", "test=True"))
+    assert predicted["result"] is None, predicted
+    assert f"{masterless.config}: kept 1 line(s) added since this package wrote it: 'vm.swappiness = 10'" in (
+        predicted["comment"])
+    ret = state_of(masterless.run("state.apply", "shadowsocks.tuning.clean"))
+    assert ret["result"] is True, ret
+    assert masterless.config.read_text() == "vm.swappiness = 10\n"
+    assert live_values(masterless.netns) == before
+
+
+@pytest.mark.parametrize("record, problem", [
+    ("[]", "the document is list, not a mapping"),
+    ("null", "the document is null, not a mapping"),
+    ('{"files": {"/etc/../etc/shadow": null}}', "'/etc/../etc/shadow' is not an absolute, normalised path"),
+    ('{"files": {"/etc/x.conf": "%%%"}}', "the saved content is not base64"),
+    ('{"sysctls": ["net.core.somaxconn"]}', "'sysctls' is list, not a mapping"),
+])
+def test_a_broken_record_fails_apply_and_clean_with_one_message_and_changes_nothing(masterless, record, problem):
+    (masterless.root / "state" / "originals.json").write_text(record)
+    before = live_values(masterless.netns)
+    for args in (("state.apply", SLS), ("state.apply", SLS, "test=True"),
+                 ("state.apply", "shadowsocks.tuning.clean"), ("state.apply", "shadowsocks.tuning.clean", "test=True")):
+        result = masterless.run(*args)
+        ret = state_of(result)
+        assert ret["result"] is False and ret["changes"] == {}, (args, ret)
+        assert problem in ret["comment"] and "is not a valid record of originals" in ret["comment"], ret
+        assert "Traceback" not in result.stdout + result.stderr
+    assert live_values(masterless.netns) == before
+    assert not masterless.config.exists()
+    assert (masterless.root / "state" / "originals.json").read_text() == record
+
+
+def test_clean_refuses_a_record_naming_a_file_it_does_not_manage(masterless, tmp_path):
+    victim = tmp_path / "passwd"
+    victim.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    assert state_of(masterless.run("state.apply", SLS))["result"] is True
+    record_path = masterless.root / "state" / "originals.json"
+    record = json.loads(record_path.read_text())
+    record["files"][str(victim)] = None  # clean would delete it: it "did not exist before"
+    record_path.write_text(json.dumps(record))
+    tuned = live_values(masterless.netns)
+    ret = state_of(masterless.run("state.apply", "shadowsocks.tuning.clean"))
+    assert ret["result"] is False and f"lists {victim}, which the current settings do not manage" in ret["comment"]
+    assert victim.read_text().startswith("root:") and masterless.config.exists()
+    assert live_values(masterless.netns) == tuned  # nothing put back either: all or nothing
 
 
 def test_nothing_runs_through_a_shell():

@@ -422,3 +422,68 @@ def test_execution_functions_through_the_loader(box):
     assert restarted["changed"] and restarted["old"] == f"running (pid {pid})"
     new = box.pid("fakess")
     assert new != pid and procfs.proc_nofile(new)[0] != 1024  # started by salt, without the admin's ulimit
+
+
+# A daemon that dies a second after it starts, as one that cannot bind its port would.
+CRASHING_DAEMON = "#!/bin/sh\nsleep 1\nexit 1\n"
+# A shadowsocks-like daemon that holds one live TCP connection to itself on loopback.
+CONNECTED_DAEMON = """#!/usr/bin/python3
+import socket, time
+server = socket.create_server(("127.0.0.1", 0))
+client = socket.create_connection(server.getsockname())
+peer, _ = server.accept()
+time.sleep(300)
+"""
+
+
+def test_a_daemon_that_dies_right_after_it_started_fails_naming_the_service(box):
+    crashing = box.root / "bin" / "ss-server"
+    crashing.write_text(CRASHING_DAEMON)
+    crashing.chmod(0o755)
+    box.init("crashy", "ss-server", box.root / "etc/default/none")
+    result = box.minion.run("state.single", "shadowsocks_tuning.service_restarted", "name=crashy",
+                            f"pidfile={box.pidfile('crashy')}", "when=always", "grace=3")
+    ret = next(iter(result.data.values()))
+    assert ret["result"] is False, ret
+    assert "service crashy started (pid " in ret["comment"]
+    assert "did not stay up for 3 s: it dies right after it starts (a crash loop?)" in ret["comment"]
+    assert not procfs.alive(box.pid("crashy") or 0)  # the report is true: it is gone
+
+
+def test_a_pidfile_naming_another_program_is_neither_signalled_nor_waited_for(box):
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        box.pidfile("fakess").write_text(f"{other.pid}\n")
+        started = time.monotonic()
+        result = box.minion.run("shadowsocks_tuning.stop_start", "fakess", f"pidfile={box.pidfile('fakess')}")
+        assert result.returncode == 0, result.stdout + result.stderr
+        comment = result.data["comment"]
+        assert comment.startswith("fakess is not running: left stopped"), comment
+        assert f"names pid {other.pid}, which runs sleep, not " in comment and "a stale pidfile" in comment
+        assert time.monotonic() - started < 10 + 30, "well below the 10 s stop timeout plus salt-call's start-up"
+        assert other.poll() is None  # never signalled
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_restart_says_how_many_live_connections_it_cuts(box):
+    daemon = box.root / "bin" / "ssserver"
+    daemon.unlink()
+    daemon.write_text(CONNECTED_DAEMON)
+    daemon.chmod(0o755)
+    # Started in the minion's network namespace, where salt-call counts sockets.
+    netns = ["ip", "netns", "exec", box.minion.netns]
+    subprocess.run([*netns, "ip", "link", "set", "lo", "up"], check=True)
+    subprocess.run([*netns, str(box.fakess), "start"], check=True, timeout=10)
+    pidfile = box.pidfile("fakess")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and sum(
+            os.readlink(f"/proc/{box.pid('fakess')}/fd/{fd}").startswith("socket:")
+            for fd in os.listdir(f"/proc/{box.pid('fakess')}/fd")) < 3:
+        time.sleep(0.05)  # wait until the daemon has connected: listener, client, accepted peer
+    run = box.minion.run
+    predicted = run("shadowsocks_tuning.stop_start", "fakess", f"pidfile={pidfile}", "test=True").data
+    assert "2 live TCP connection(s) of its processes would be cut" in predicted["comment"], predicted
+    done = run("shadowsocks_tuning.stop_start", "fakess", f"pidfile={pidfile}").data
+    assert done["comment"].startswith("fakess stopped and started: 2 live TCP connection(s) of its processes cut")

@@ -34,8 +34,10 @@ def opts(tmp_path):
 
 
 def restore(opts, test=False):
+    """``clean`` of the engine, with every recorded file managed."""
     with journal.lock(opts["state_dir"]):
-        return journal.restore(opts["state_dir"], opts["proc_root"], test)
+        managed = set(journal.load_originals(opts["state_dir"])["files"])
+        return journal.restore(opts["state_dir"], opts["proc_root"], managed, test)
 
 
 def write(opts, planned):
