@@ -96,6 +96,12 @@ SS_PROCESS_NAMES = (
     "ss-server", "ss-local", "ss-manager", "ss-redir", "ss-tunnel", "ss-nat",
     "ssserver", "sslocal", "ssmanager", "ssservice", "ssredir", "sstunnel",
 )
+# SIP003 plugins: ss-server and ss-local (`--plugin`) start one as a child
+# process with limits of its own, and it holds the clients' connections
+# (obfs-server listens on the server port). A plugin of another name is
+# still found as a child of a shadowsocks process (sstuning_procfs.named_processes).
+SS_PLUGIN_NAMES = ("obfs-server", "obfs-local", "v2ray-plugin", "xray-plugin")
+SS_PROCESS_NAMES += SS_PLUGIN_NAMES
 
 # --------------------------------------------------------------------------
 # Profiles: data with `include`. Pillar may add profiles of its own

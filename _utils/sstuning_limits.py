@@ -44,6 +44,12 @@ def unit_file(opts, unit):
     return None
 
 
+def managed_paths(settings, opts):
+    """Every file the open-file-limit settings manage (``clean`` puts back no other)."""
+    return {target["path"] or dropin_path(opts, target["unit"])
+            for groups in settings["limits"].values() for group in groups for target in group["files"]}
+
+
 def read_managed(path):
     """A managed file's text, None when missing; a link, a hard-linked file,
     a directory or anything but a regular file is an error (see
@@ -113,7 +119,8 @@ def write_file(opts, planned):
     """Write one planned file atomically after recording its original, so
     `clean` can put it back byte for byte. Call under the journal lock."""
     path = planned["path"]
-    journal.remember(opts["state_dir"], journal.load_originals(opts["state_dir"]), files=[path])
+    journal.remember(opts["state_dir"], journal.load_originals(opts["state_dir"]), files=[path],
+                     written={path: planned["text"]})
     try:
         journal.atomic_write(path, planned["text"])
     except OSError as exc:
@@ -179,11 +186,12 @@ def plan(settings, opts):
     return {"parts": parts, "errors": errors, "manage": manage, "skipped": skipped}
 
 
-def restart(opts, name, pidfile, when, init_system, timeout, test):
-    """Stop and start one service (or restart one unit) so it gets the limit."""
+def restart(opts, name, pidfile, when, init_system, timeout, grace, test):
+    """Stop and start one service (or restart one unit) so it gets the limit,
+    and check that it stays up for ``grace`` seconds."""
     if init_system == "systemd":
-        return services.systemd_restart(opts, name, when, timeout, test)
-    return services.sysv_stop_start(opts, name, pidfile, when, timeout, test)
+        return services.systemd_restart(opts, name, when, timeout, grace, test)
+    return services.sysv_stop_start(opts, name, pidfile, when, timeout, grace, test)
 
 
 def apply_part(settings, opts, planned_part, test):
@@ -203,7 +211,8 @@ def apply_part(settings, opts, planned_part, test):
         if changed and group["restart"]:
             try:
                 restarts.append(restart(opts, group["restart"]["name"], group["restart"]["pidfile"],
-                                        settings["restart"], settings["init_system"], settings["timeout"], test))
+                                        settings["restart"], settings["init_system"], settings["timeout"],
+                                        settings["grace"], test))
             except CommandExecutionError as exc:
                 errors.append(str(exc))
     return files, restarts, errors
@@ -251,11 +260,12 @@ def report(proc_root, wanted, names, pidfiles):
         roots = [pid for pid in (procfs.pid_from(p) for p in pidfiles) if pid]
         scope = procfs.subtree(table, roots)
     nr_open = procfs.nr_open(proc_root)
+    named = procfs.named_processes(table, names)  # plugins (children of shadowsocks processes) included
     processes, problems = [], []
     for pid in sorted(table):
         if scope is not None and pid not in scope:
             continue
-        name = procfs.match_name(table[pid][0], procfs.proc_argv(pid), names)
+        name = named.get(pid)
         limits = procfs.proc_nofile(pid) if name else None
         if limits is None:
             continue

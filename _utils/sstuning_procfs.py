@@ -7,7 +7,7 @@ capabilities). No Salt here: every function takes the root it reads from.
 import os
 import re
 
-from sstuning_catalogue import CATALOGUE, normalise_live, validate_key
+from sstuning_catalogue import CATALOGUE, SS_PROCESS_NAMES, normalise_live, validate_key
 
 CAP_SYS_RESOURCE = 24  # capability(7) bit: may raise a hard limit
 AVAILABLE_CC = "net.ipv4.tcp_available_congestion_control"
@@ -185,11 +185,58 @@ def pid_from(pidfile):
         return None
 
 
+def _option(argv, name):
+    """The value after ``name`` in ``argv`` (``--manager-address X``), or None."""
+    for index, arg in enumerate(argv[:-1]):
+        if arg == name:
+            return argv[index + 1]
+    return None
+
+
+def adopted(table):
+    """{ss-server pid: ss-manager pid}. ss-manager starts one ss-server per
+    port with ``-f pidfile``: it daemonizes and init adopts it, so only the
+    ``--manager-address`` both carry ties it to its manager (a manager that
+    reads the address from its config: the only ss-manager running)."""
+    managers, servers = {}, []
+    for pid, (comm, _, _) in table.items():
+        if comm == "ss-manager":
+            managers.setdefault(_option(proc_argv(pid), "--manager-address"), pid)
+        elif comm == "ss-server":
+            servers.append(pid)
+    links = {}
+    for pid in servers if managers else ():
+        address = _option(proc_argv(pid), "--manager-address")
+        manager = managers.get(address) or (next(iter(managers.values())) if len(managers) == 1 else None)
+        if address and manager:
+            links[pid] = manager
+    return links
+
+
+def named_processes(table, names):
+    """{pid: name} of every process called one of ``names``, and of every
+    child of a shadowsocks process among them: a SIP003 plugin such as
+    obfs-server, under its own name, has limits of its own."""
+    named = {}
+    for pid, (comm, _, _) in table.items():
+        name = match_name(comm, proc_argv(pid), names)
+        if name:
+            named[pid] = name
+    parents = {pid for pid, name in named.items() if name in SS_PROCESS_NAMES}
+    for pid, (comm, _, ppid) in table.items():
+        if pid not in named and ppid in parents:
+            named[pid] = comm
+    return named
+
+
 def subtree(table, roots):
-    """The pids of ``roots`` and all their descendants."""
+    """The pids of ``roots`` and all their descendants, the ss-server
+    processes ss-manager started (and init adopted) included."""
     children = {}
     for pid, (_, _, ppid) in table.items():
         children.setdefault(ppid, []).append(pid)
+    for pid, manager in adopted(table).items():
+        children.setdefault(manager, []).append(pid)
     seen, todo = set(), [r for r in roots if r in table]
     while todo:
         pid = todo.pop()

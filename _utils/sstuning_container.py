@@ -1,0 +1,219 @@
+"""
+Containers: the tuning written the way a container runtime applies it. A
+container has its own network namespace, so only the per-namespace keys
+can go in its definition (docker-compose ``sysctls:``, ``docker run
+--sysctl``, a Kubernetes pod's ``securityContext.sysctls``); the runtime
+writes them to ``/proc/sys`` inside the namespace when the container starts,
+and refuses to start it when one fails. Global keys (``net.core.rmem_max``,
+``fs.*``) belong to the host; the open-file limit becomes ``ulimits``.
+
+Plain values in (resolved settings, the live values of the kernel the
+command runs on, the congestion controls it offers), text and data out; no
+Salt, no I/O.
+"""
+
+import json
+import re
+import shlex
+
+from salt.exceptions import SaltInvocationError
+
+from sstuning_catalogue import (
+    CATALOGUE, CONGESTION_KEY, RESERVED_PORTS_KEY, absent_is_satisfied, keep_higher, parse_ports, ports_text,
+)
+
+FORMATS = ("compose", "docker", "kubernetes")
+
+# Kubernetes' safe sysctls (pkg/kubelet/sysctl/safe_sysctls.go, checked at
+# kubernetes/kubernetes b0cb9cc; the release notes of each addition in
+# docs/tasks/administer-cluster/sysctl-cluster.md): the release that made
+# each one safe, None for the original set. Every other key is "unsafe": a
+# pod that sets it is rejected unless the node's kubelet runs with
+# --allowed-unsafe-sysctls naming it.
+KUBERNETES_SAFE = {
+    "kernel.shm_rmid_forced": None,
+    "net.ipv4.ip_local_port_range": None,
+    "net.ipv4.tcp_syncookies": None,
+    "net.ipv4.ping_group_range": "1.18",
+    "net.ipv4.ip_unprivileged_port_start": "1.22",
+    "net.ipv4.ip_local_reserved_ports": "1.27",
+    "net.ipv4.tcp_keepalive_time": "1.29",
+    "net.ipv4.tcp_keepalive_intvl": "1.29",
+    "net.ipv4.tcp_keepalive_probes": "1.29",
+    "net.ipv4.tcp_fin_timeout": "1.29",
+    "net.ipv4.tcp_rmem": "1.32",
+    "net.ipv4.tcp_wmem": "1.32",
+}
+
+_SERVICE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}\Z")  # a compose service name
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]+\Z")
+
+
+def validate_format(fmt):
+    if fmt not in FORMATS:
+        raise SaltInvocationError(f"format: {fmt!r} must be one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def validate_service(name):
+    if not isinstance(name, str) or not _SERVICE.match(name):
+        raise SaltInvocationError(
+            f"service: {name!r} is not a compose service name (lower-case letters, digits, '_', '.', '-'), "
+            "e.g. shadowsocks"
+        )
+    return name
+
+
+def scope(key):
+    """``netns`` or ``global``: the catalogue's, else guessed from the name
+    (``net.*`` outside ``net.core`` is per namespace on today's kernels)."""
+    if key in CATALOGUE:
+        return CATALOGUE[key]["scope"]
+    return "netns" if key.startswith("net.") and not key.startswith("net.core.") else "global"
+
+
+def _congestion(settings, wanted, available, allowed):
+    """(value to set, or None; why not). Inside a container only a congestion
+    control the host has loaded and lists in tcp_allowed_congestion_control
+    can be set: anything else fails the container's start."""
+    problems = []
+    for name in (wanted, settings.get("congestion_fallback")):
+        if not name:
+            continue
+        if name not in available:
+            problems.append(f"'{name}' is not available on this kernel (available: {' '.join(available) or '?'}); "
+                            f"load tcp_{name} on the host")
+        elif name not in allowed:
+            problems.append(f"'{name}' is not in net.ipv4.tcp_allowed_congestion_control here "
+                            f"({' '.join(allowed) or '?'}); add it there on the host")
+        else:
+            return name, ("; ".join(problems) + f"; using fallback '{name}'") if problems else ""
+    return None, "; ".join(problems)
+
+
+def plan(settings, live, available=(), allowed=(), config_ports=None):
+    """Split the resolved sysctls into what the container sets, what the host
+    sets and what needs no line, by the same rules ``apply`` follows: never
+    below what ``live`` (this kernel) has, a profile's documented lowering
+    aside; keys that only ask for the kernel's default are left to it; a
+    removed key wanted at 0 needs nothing. ``config_ports`` ({port: where})
+    are added to the reserved ports."""
+    force = set(settings.get("force") or ())
+    container, host, left_out, notes = {}, {}, {}, []
+    for key, text in settings["sysctls"].items():
+        have = live.get(key)
+        if have is None and absent_is_satisfied(key, text):
+            left_out[key] = f"wanted {text}, and this kernel has no such key (removed); a runtime refuses a missing key"
+            continue
+        if key in settings.get("kernel_default", ()) and key not in force:
+            left_out[key] = (f"the profile asks only for the kernel default {text}: the container inherits the "
+                             "host's; name it in pillar sysctls to set it")
+            continue
+        if key == CONGESTION_KEY:
+            value, why = _congestion(settings, text, list(available), list(allowed))
+            if value is None:
+                left_out[key] = f"{why}: a container runtime would fail to start the container with it"
+                continue
+            if why:
+                notes.append(f"{key}: {why}")
+            text = value
+        elif key == RESERVED_PORTS_KEY:
+            ports = parse_ports(text or []) | set(config_ports or {})
+            if not ports:
+                left_out[key] = "no shadowsocks port to reserve (pillar reserved_ports, shadowsocks-libev configs)"
+                continue
+            text = ports_text(ports)
+            if config_ports:
+                notes.append(f"{key}: reserves the ports of " + ", ".join(
+                    f"{port} ({config_ports[port]})" for port in sorted(config_ports)))
+        elif key not in force:
+            target, kept = keep_higher(key, text, have, lower=bool(settings.get("lower", {}).get(key)))
+            if kept and target == have:  # as apply does: the kernel's own value needs no line
+                left_out[key] = kept.split(": ", 1)[1] + "; nothing to set"
+                continue
+            if kept:
+                notes.append(kept)
+            text = target
+        if key not in CATALOGUE:
+            notes.append(f"{key}: not in this package's catalogue; {scope(key)} scope guessed from its name")
+        (container if scope(key) == "netns" else host)[key] = text
+    return {"sysctls": container, "host_only": host, "left_out": left_out, "notes": notes}
+
+
+def unsafe_in_kubernetes(keys):
+    return sorted(key for key in keys if key not in KUBERNETES_SAFE)
+
+
+def _q(text):
+    """A YAML double-quoted scalar (JSON's string syntax is valid YAML)."""
+    return json.dumps(str(text))
+
+
+def _key(key):
+    return key if _PLAIN_KEY.match(key) else _q(key)
+
+
+def _host_comment(host):
+    if not host:
+        return []
+    lines = ["# Host-only keys (global, not per network namespace): set them on the host itself,",
+             "# e.g. with salt-call shadowsocks_tuning.apply there, never in the container:"]
+    lines.extend(f"#   {key} = {value}" for key, value in host.items())
+    return lines
+
+
+def render(fmt, profile, sysctls, nofile, host_only, service="shadowsocks"):
+    """The snippet to paste: a compose file (``docker compose -f compose.yaml
+    -f this.yaml`` merges it into the service of that name), a ``docker run``
+    command line, or the ``securityContext`` of a Kubernetes pod spec."""
+    head = f"# shadowsocks tuning, profile {profile}: per-network-namespace sysctls and the open-file limit"
+    if fmt == "compose":
+        lines = [head, "services:", f"  {service}:"]
+        if sysctls:
+            lines.append("    sysctls:")
+            lines.extend(f"      {_key(key)}: {_q(value)}" for key, value in sysctls.items())
+        lines += ["    ulimits:", "      nofile:", f"        soft: {nofile}", f"        hard: {nofile}"]
+        return "\n".join(lines + _host_comment(host_only)) + "\n"
+    if fmt == "docker":
+        args = [f"--sysctl {shlex.quote(f'{key}={value}')}" for key, value in sysctls.items()]
+        args.append(f"--ulimit nofile={nofile}:{nofile}")
+        lines = _host_comment(host_only) + ["docker run \\"] + [f"  {arg} \\" for arg in args] + ["  IMAGE [COMMAND]"]
+        return "\n".join(lines) + "\n"
+    unsafe = unsafe_in_kubernetes(sysctls)
+    lines = [head.replace(" and the open-file limit", ""),
+             "# (spec.securityContext of a Pod; spec.template.spec of a Deployment)"]
+    if unsafe:
+        lines += ["# Keys marked unsafe are refused unless every node's kubelet allows them:",
+                  f"#   kubelet --allowed-unsafe-sysctls={shlex.quote(','.join(unsafe))}"]
+    lines += [f"# Kubernetes has no per-pod open-file limit: the container runtime's applies; start the server "
+              f"with `ss-server -n {nofile}` where its hard limit allows it."]
+    lines += ["securityContext:", "  sysctls:"] if sysctls else ["securityContext: {}"]
+    for key, value in sysctls.items():
+        mark = "  # unsafe: kubelet --allowed-unsafe-sysctls" if key in unsafe else ""
+        lines += [f"  - name: {_key(key)}{mark}", f"    value: {_q(value)}"]
+    return "\n".join(lines + _host_comment(host_only)) + "\n"
+
+
+def container(settings, fmt, live, available=(), allowed=(), config_ports=None, service="shadowsocks"):
+    """Everything ``shadowsocks_tuning.container`` returns: ``{"format",
+    "profile", "text", "sysctls", "nofile", "host_only",
+    "unsafe_in_kubernetes", "left_out", "notes"}``."""
+    fmt = validate_format(fmt)
+    service = validate_service(service)
+    planned = plan(settings, live, available, allowed, config_ports)
+    notes = list(planned["notes"])
+    if fmt == "kubernetes":
+        notes.append(f"nofile {settings['nofile']}: a pod spec cannot set it; the runtime's default applies "
+                     "(containerd and docker: their service's LimitNOFILE, or dockerd --default-ulimit)")
+    return {
+        "format": fmt,
+        "profile": settings["profile"],
+        "text": render(fmt, settings["profile"], planned["sysctls"], settings["nofile"], planned["host_only"],
+                       service),
+        "sysctls": planned["sysctls"],
+        "nofile": settings["nofile"],
+        "host_only": planned["host_only"],
+        "unsafe_in_kubernetes": unsafe_in_kubernetes(planned["sysctls"]),
+        "left_out": planned["left_out"],
+        "notes": notes,
+    }
