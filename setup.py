@@ -1,31 +1,27 @@
-"""salt-shadowsocks-tuning: Salt execution and state modules, SLS and profiles
-that apply the "Optimizing Shadowsocks" kernel and open-file tuning."""
+"""salt-shadowsocks-tuning: Salt execution, state and beacon modules, SLS and
+profiles that apply the "Optimizing Shadowsocks" kernel and open-file tuning.
+
+Metadata, the entry point and the version (saltext_shadowsocks_tuning/version.py)
+live in pyproject.toml. This file only maps the repository's layout into the
+package, which pyproject.toml cannot say as plainly."""
+
+import os
 
 from setuptools import setup
 
+# The flat module files stay at the repository root (_modules, _states,
+# _beacons, _utils), where file_roots and salt-ssh expect them; pip ships them
+# inside the package. A directory that is not there yet (a checkout from
+# before the beacon) is skipped rather than failing the build.
+FLAT = [name for name in ("_modules", "_states", "_beacons", "_utils") if os.path.isdir(name)]
+
 setup(
-    name="salt-shadowsocks-tuning",
-    version="0.1.0",
-    description="Salt extension: shadowsocks kernel sysctl and open-file-limit tuning",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    license="Apache-2.0",
-    python_requires=">=3.8",
-    # The flat module files stay at the repository root (_modules, _states, _utils),
-    # where file_roots and salt-ssh expect them; pip ships them inside the package.
-    packages=[
-        "saltext_shadowsocks_tuning",
-        "saltext_shadowsocks_tuning._modules",
-        "saltext_shadowsocks_tuning._states",
-        "saltext_shadowsocks_tuning._utils",
-    ],
-    package_dir={
-        "saltext_shadowsocks_tuning._modules": "_modules",
-        "saltext_shadowsocks_tuning._states": "_states",
-        "saltext_shadowsocks_tuning._utils": "_utils",
-    },
-    install_requires=["salt>=3006"],
-    entry_points={
-        "salt.loader": ["shadowsocks_tuning = saltext_shadowsocks_tuning:loader_dirs"],
-    },
+    packages=["saltext_shadowsocks_tuning"] + [f"saltext_shadowsocks_tuning.{name}" for name in FLAT],
+    package_dir={f"saltext_shadowsocks_tuning.{name}": name for name in FLAT},
+    # The SLS tree and pillar.example (links to salt/ and ./pillar.example in
+    # the checkout), for `python -m saltext_shadowsocks_tuning file-roots`.
+    # Listed, not `include_package_data`: file_roots/ also links the flat
+    # modules (for sync_all), which a pip install registers by entry point.
+    package_data={"saltext_shadowsocks_tuning": ["file_roots/shadowsocks/tuning/*.sls", "pillar.example"]},
+    include_package_data=False,
 )

@@ -1,6 +1,8 @@
 """The three ways the package reaches a minion, each through real Salt:
 installed by pip (the Salt loader finds it through its entry point, no
-file_roots), shipped by file_roots and `saltutil.sync_all` (modules, states
+file_roots; the wheel, built from the sdist, installed alone into a fresh
+venv, serves `state.apply shadowsocks.tuning` from the file_roots path it
+prints), shipped by file_roots and `saltutil.sync_all` (modules, states
 and the `_utils` engines land in extmods), and a re-sync into a minion daemon
 that keeps running (the execution module must not keep a stale engine).
 salt-ssh, the fourth, is tests/integration/test_salt_ssh.py."""
@@ -8,15 +10,21 @@ salt-ssh, the fourth, is tests/integration/test_salt_ssh.py."""
 import json
 import os
 import pathlib
+import re
+import resource
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
+import zipfile
 
 import pytest
 
-from support.common import REPO, read_in_netns
+from support.common import REPO, live_values, read_in_netns
+
+from sstuning_catalogue import CATALOGUE  # the flat engine file (pytest.ini puts _utils on sys.path)
 
 ENGINES = sorted(p.stem for p in (REPO / "_utils").glob("sstuning_*.py"))
 
@@ -86,6 +94,154 @@ def test_pip_install_registers_the_modules_with_the_salt_loader(tmp_path, netns)
                        env=env, netns=netns, cwd=tmp_path)
     assert result.returncode != 0
     assert "Specified state 'shadowsocks_tuning.tuned' was not found" in result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------
+# The sdist and the wheel, and a fresh venv with nothing but Salt and the wheel
+# --------------------------------------------------------------------------
+# What a checkout holds that is no part of the package (caches, venvs, builds).
+_NOT_SOURCE = shutil.ignore_patterns(".git", ".venv*", ".tune", ".test-logs", ".hypothesis", "__pycache__",
+                                     "build", "dist", "*.egg-info")
+FLAT_DIRS = ("_modules", "_states", "_beacons", "_utils")
+SLS = sorted(p.name for p in (REPO / "salt" / "shadowsocks" / "tuning").glob("*.sls"))
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory):
+    """The sdist, and the wheel `python -m build` makes from that sdist (so a
+    file the sdist lacks fails the wheel too), from a copy of this checkout
+    with its links kept. Isolated build: setuptools comes from the package
+    index, as for any user."""
+    root = tmp_path_factory.mktemp("dists")
+    source = root / "src"
+    shutil.copytree(REPO, source, symlinks=True, ignore=_NOT_SOURCE)
+    built = subprocess.run([sys.executable, "-m", "build", "--outdir", str(root / "dist"), str(source)],
+                           capture_output=True, text=True, cwd=root)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    (sdist,) = (root / "dist").glob("*.tar.gz")
+    (wheel,) = (root / "dist").glob("*.whl")
+    return {"source": source, "sdist": sdist, "wheel": wheel}
+
+
+def test_the_wheel_ships_sls_pillar_example_license_and_every_flat_module(dists):
+    with zipfile.ZipFile(dists["wheel"]) as whl:
+        names = set(whl.namelist())
+        pkg = "saltext_shadowsocks_tuning"
+        for sls in SLS:
+            assert whl.read(f"{pkg}/file_roots/shadowsocks/tuning/{sls}") == (
+                REPO / "salt" / "shadowsocks" / "tuning" / sls).read_bytes(), sls
+        # Only the SLS tree: the flat modules reach a pip install by its entry point, not by sync.
+        assert sorted(n for n in names if n.startswith(f"{pkg}/file_roots/")) == [
+            f"{pkg}/file_roots/shadowsocks/tuning/{sls}" for sls in SLS]
+        assert whl.read(f"{pkg}/pillar.example") == (REPO / "pillar.example").read_bytes()
+        (license_file,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+        assert whl.read(license_file) == (REPO / "LICENSE").read_bytes()
+        assert b"Apache License" in whl.read(license_file)
+        for flat in FLAT_DIRS:
+            shipped = sorted(n.rsplit("/", 1)[1] for n in names if n.startswith(f"{pkg}/{flat}/") and n.endswith(".py"))
+            assert shipped == sorted(p.name for p in (REPO / flat).glob("*.py")), flat
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        meta = whl.read(metadata).decode()
+        (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        entry = whl.read(entry_points).decode()
+    version = {}
+    exec((REPO / "saltext_shadowsocks_tuning" / "version.py").read_text(), version)  # pylint: disable=exec-used
+    assert f"\nVersion: {version['__version__']}\n" in meta
+    assert "\nName: salt-shadowsocks-tuning\n" in meta
+    assert "\nLicense-Expression: Apache-2.0\n" in meta
+    assert "salt-extension" in re.search(r"\nKeywords: (.*)\n", meta).group(1).split(",")
+    assert "\nRequires-Dist: salt>=3006\n" in meta
+    assert "[salt.loader]\nshadowsocks_tuning = saltext_shadowsocks_tuning:loader_dirs" in entry
+
+
+def test_the_sdist_holds_the_tests_the_benchmarks_and_the_license(dists):
+    with tarfile.open(dists["sdist"]) as sdist:
+        top = sdist.getnames()[0].split("/")[0]
+        names = {n.split("/", 1)[1] for n in sdist.getnames() if "/" in n}
+    source = dists["source"]
+    for tree in ("tests", "bench"):
+        files = {str(p.relative_to(source)) for p in (source / tree).rglob("*")
+                 if p.is_file() and "__pycache__" not in p.parts}
+        assert files and not files - names, f"{tree} files missing from {top}: {sorted(files - names)}"
+    assert "tests/support/common.py" in names
+    for name in ("LICENSE", "README.md", "pillar.example", "MANIFEST.in", "pyproject.toml", "setup.py",
+                 "requirements-test.txt", "run-tests", "tune"):
+        assert name in names, name
+    for sls in SLS:
+        assert f"salt/shadowsocks/tuning/{sls}" in names
+
+
+@pytest.mark.slow
+def test_the_wheel_alone_in_a_fresh_venv_applies_from_the_printed_file_roots(dists, netns, tmp_path):
+    """What a pip-only user does: a fresh venv with Salt (the pin of
+    requirements-test.txt: the newest Salt does not install from this index),
+    the wheel installed by itself (its `salt>=3006` requirement checked by
+    pip), the one file_roots line from `python -m saltext_shadowsocks_tuning
+    file-roots`, then a dry run of `state.apply shadowsocks.tuning` in a fresh
+    network namespace: every state listed, nothing written."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    python = venv / "bin" / "python"
+    (salt_pin,) = [line for line in (REPO / "requirements-test.txt").read_text().splitlines() if line.startswith("salt==")]
+    for what in (salt_pin, str(dists["wheel"])):
+        done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", what],
+                              capture_output=True, text=True, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    printed = subprocess.run([str(python), "-m", "saltext_shadowsocks_tuning", "file-roots"],
+                             capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
+    file_roots = pathlib.Path(printed)
+    assert file_roots.is_relative_to(venv) and (file_roots / "shadowsocks" / "tuning" / "init.sls").is_file(), printed
+
+    pillar = tmp_path / "pillar"
+    pillar.mkdir()
+    (pillar / "top.sls").write_text("base:\n  '*':\n    - shadowsocks\n")
+    # Where this box cannot grant the recipe's 51200 open files, every state
+    # fails and names the way out (tests/functional/test_nofile_states.py):
+    # ask for what it can grant, as ./tune does.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    tuning = {"nofile": hard} if hard != resource.RLIM_INFINITY and hard < 51200 else {}
+    (pillar / "shadowsocks.sls").write_text(json.dumps({"shadowsocks": {"tuning": tuning}}))
+    config = tmp_path / "conf"
+    config.mkdir()
+    # The user's minion config: only the file_roots line added to what Salt
+    # needs (its own cache and keys here, not /var/cache/salt and /etc/salt).
+    (config / "minion").write_text(
+        f"file_client: local\nfile_roots: {{base: [{printed}]}}\npillar_roots: {{base: [{pillar}]}}\n"
+        f"cachedir: {tmp_path}/cache\npki_dir: {tmp_path}/pki\nlog_file: {tmp_path}/log\n"
+    )
+    watched = [pathlib.Path(p) for p in ("/var/lib/shadowsocks_tuning", "/etc/sysctl.d/local.conf",
+                                         "/etc/default/supervisor", "/etc/default/shadowsocks-libev",
+                                         "/etc/supervisor/supervisord.conf", "/etc/modules-load.d")]
+
+    def files():
+        return {str(p): (p.read_bytes() if p.is_file() else sorted(os.listdir(p)) if p.is_dir() else None)
+                for p in watched}
+
+    files_before, kernel_before = files(), live_values(netns, sorted(CATALOGUE))
+    result = subprocess.run(["ip", "netns", "exec", netns, str(venv / "bin" / "salt-call"), "-c", str(config),
+                             "--local", "--out=json", "state.apply", "shadowsocks.tuning", "test=True"],
+                            capture_output=True, text=True, cwd=tmp_path, env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 0, result.stdout + result.stderr
+    rets = json.loads(result.stdout)["local"]
+    assert {ret["__id__"] for ret in rets.values()} == {
+        "shadowsocks-tuning-sysctl", "shadowsocks-tuning-nofile-supervisor",
+        "shadowsocks-tuning-nofile-shadowsocks-libev", "shadowsocks-tuning-nofile-init-scripts",
+        "shadowsocks-tuning-nofile-units", "shadowsocks-tuning-nofile-verify"}
+    assert all(ret["result"] in (None, True) for ret in rets.values()), rets
+    (tuned,) = [ret for ret in rets.values() if ret["__id__"] == "shadowsocks-tuning-sysctl"]
+    # A fresh namespace is not tuned: the sysctl state predicts changes.
+    assert tuned["result"] is None and tuned["changes"], tuned
+    assert files() == files_before, "the dry run wrote a file"
+    assert live_values(netns, sorted(CATALOGUE)) == kernel_before, "the dry run wrote the kernel"
+
+    # The beacon reaches Salt's beacon loader through the same entry point.
+    code = ("import sys, salt.config, salt.loader\n"
+            "opts = salt.config.minion_config(sys.argv[1])\n"
+            "print(sorted(salt.loader.beacons(opts, salt.loader.minion_mods(opts))))")
+    loaded = subprocess.run([str(python), "-c", code, str(config / "minion")], capture_output=True, text=True,
+                            cwd=tmp_path, check=True).stdout
+    for beacon in (REPO / "_beacons").glob("*.py"):
+        assert f"'{beacon.stem}.beacon'" in loaded, beacon.stem
 
 
 # --------------------------------------------------------------------------

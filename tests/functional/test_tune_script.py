@@ -48,3 +48,44 @@ def test_bad_arguments_and_a_bad_pillar_are_reported_plainly(netns, tmp_path):
     assert done.returncode != 0
     assert "pillar shadowsocks:tuning:profile: unknown profile 'bbrr'" in done.stdout
     assert done.stdout.strip().splitlines()[-1].startswith("tune: a state failed")
+
+
+def test_a_missing_or_wrong_pillar_argument_is_said_before_anything_runs(netns, tmp_path):
+    for args, said in [
+        (["--pillar"], "tune: --pillar needs a file: ./tune --pillar my.sls"),
+        (["--pillar", "--apply"], "tune: --pillar needs a file, got the option '--apply'"),
+        (["--pillar", str(tmp_path / "nowhere.sls")], f"tune: --pillar {tmp_path / 'nowhere.sls'}: no such readable file"),
+        (["--pillar", str(tmp_path)], f"tune: --pillar {tmp_path}: no such readable file"),
+    ]:
+        done = tune(netns, *args)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert done.stdout == "" and done.stderr.splitlines() == [done.stderr.strip()], (args, done.stderr)
+        assert done.stderr.startswith(said), (args, done.stderr)
+
+
+def test_a_pillar_file_with_a_yaml_error_is_one_line_naming_the_file_and_the_line(netns, tmp_path):
+    """Salt itself answers such a file with two tracebacks and "see master
+    log" (over 100 lines): ./tune says it in one line, and runs no state."""
+    cases = {
+        # file text: what the one line says after "tune: FILE"
+        "shadowsocks:\n  tuning:\n    profile: bbr\n    reserved_ports: [8388\n":
+            ", line 5, column 1: did not find expected ',' or ']' (while parsing a flow sequence that starts at line 4)",
+        "shadowsocks:\n  tuning:\n    nofile: 20000\n    nofile: 30000\n":
+            ", line 4, column 5: found conflicting ID 'nofile' (while constructing a mapping that starts at line 3)",
+        "shadowsocks:\n\ttuning: {}\n":
+            ", line 2, column 1: found character that cannot start any token (a tab: YAML indents with spaces)",
+        "tuning:\n  nofile: 20000\n":
+            " holds no 'shadowsocks:' key at the top",
+        # Jinja is rendered by Salt first; its error, with the line, in one line too.
+        "shadowsocks:\n  tuning:\n    nofile: {{ 20000\n":
+            " did not render: Jinja syntax error: unexpected end of template, expected 'end of print statement'.; line 3",
+    }
+    for number, (text, said) in enumerate(cases.items()):
+        bad = tmp_path / f"bad{number}.sls"
+        bad.write_text(text)
+        done = tune(netns, "--pillar", str(bad))
+        assert done.returncode == 2, (text, done.stdout, done.stderr)
+        assert done.stdout == "", (text, done.stdout)
+        assert done.stderr.splitlines() == [done.stderr.strip()], (text, done.stderr)
+        assert done.stderr.startswith(f"tune: {bad}{said}"), (text, done.stderr)
+        assert done.stderr.strip().endswith("; nothing was changed"), done.stderr
