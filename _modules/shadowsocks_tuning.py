@@ -32,7 +32,8 @@ __func_alias__ = {"set_": "set"}
 # the global sys.modules with everything else, hence the prefix.
 UTILS = (
     "sstuning_catalogue", "sstuning_settings", "sstuning_procfs", "sstuning_journal", "sstuning_sysctld",
-    "sstuning_lines", "sstuning_services", "sstuning_ports", "sstuning_sysctl", "sstuning_limits",
+    "sstuning_lines", "sstuning_ports", "sstuning_services", "sstuning_sysctl", "sstuning_limits",
+    "sstuning_container", "sstuning_diagnose",
 )
 
 
@@ -122,6 +123,10 @@ def _prepare(arguments, test):
     sysctls = sysctl_engine.prepare(settings, opts, test)
     limits = limits_engine.plan(settings, opts)
     errors = sysctls["errors"] + limits["errors"]
+    try:
+        journal.load_originals(opts["state_dir"])  # a broken record would stop the first write
+    except CommandExecutionError as exc:
+        errors.append(str(exc))
     return settings, opts, sysctls, limits, errors
 
 
@@ -412,11 +417,53 @@ def explain(profile=None):
     return sysctl_engine.explain(resolved, opts)
 
 
-def clean(test=False):
+def container(format="compose", profile=None, service="shadowsocks"):  # pylint: disable=redefined-builtin
+    """
+    Print the tuning for a container: the per-network-namespace sysctls of
+    the profile and pillar ``shadowsocks:tuning`` (resolved as ``apply`` and
+    ``verify`` resolve them, and never below what this kernel has) with the
+    open-file limit ``nofile``, as a docker-compose file (``format=compose``:
+    ``sysctls`` and ``ulimits`` of service ``service``; merge it with
+    ``docker compose -f compose.yaml -f tuning.yaml``), a ``docker run``
+    command line (``format=docker``), or a pod's ``securityContext.sysctls``
+    (``format=kubernetes``, keys Kubernetes counts as unsafe marked). Global
+    keys (``net.core.rmem_max``, ``fs.*``) cannot be set from a container:
+    they are listed in ``host_only`` for the host. Writes nothing.
+
+    Returns ``{"format", "profile", "text", "sysctls", "nofile", "host_only",
+    "unsafe_in_kubernetes", "left_out", "notes"}``; ``text`` is the snippet.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call shadowsocks_tuning.container
+        salt-call shadowsocks_tuning.container format=docker profile=bbr
+        salt-call --out=json shadowsocks_tuning.container format=kubernetes | jq -r .local.text
+    """
+    engine = _ENGINES["sstuning_container"]
+    engine.validate_format(format)
+    engine.validate_service(service)
+    resolved, opts = _resolve({"profile": profile})
+    root = opts["proc_root"]
+    keys = set(resolved["sysctls"]) | {procfs.AVAILABLE_CC, procfs.ALLOWED_CC}
+    live = {key: procfs.read_or(root, key) for key in keys}
+    return engine.container(
+        resolved, format, live,
+        available=(live[procfs.AVAILABLE_CC] or "").split(), allowed=(live[procfs.ALLOWED_CC] or "").split(),
+        config_ports=_ENGINES["sstuning_ports"].config_ports(opts["ss_config_dir"]), service=service,
+    )
+
+
+def clean(test=False, force=False):
     """
     Undo what this package did: put back the live values it found before its
     first change, restore the files it changed byte for byte (removing those it
-    created), and forget the saved originals. ``test=True`` only reports.
+    created, but keeping lines added to them since), and forget the saved
+    originals. It refuses, changing nothing, when the record names a file the
+    current settings do not manage, or when putting back a file that existed
+    would lose lines added since this package wrote it (``force=True`` puts
+    the original back anyway). ``test=True`` only reports.
 
     CLI Example:
 
@@ -425,9 +472,10 @@ def clean(test=False):
         salt-call shadowsocks_tuning.clean test=True
         salt-call shadowsocks_tuning.clean
     """
-    opts = _options()
+    settings, opts = _resolve()
+    managed = sysctl_engine.managed_paths(settings, opts) | limits_engine.managed_paths(settings, opts)
     with contextlib.nullcontext() if test else journal.lock(opts["state_dir"]):
-        return journal.restore(opts["state_dir"], opts["proc_root"], bool(test))
+        return journal.restore(opts["state_dir"], opts["proc_root"], managed, bool(test), bool(force))
 
 
 # --------------------------------------------------------------------------
@@ -688,8 +736,11 @@ def nofile(wanted=None, names=None, pidfiles=None, wait=0):
     wanted N (pillar ``shadowsocks:tuning:nofile``, else 51200), and for a
     process below N the reason when it can be told (a parent's hard limit
     without CAP_SYS_RESOURCE, ``fs.nr_open``, or a process started before the
-    limit was configured). ``pidfiles`` limits the report to the process trees
-    of those daemons; ``wait`` seconds gives restarted daemons time to come up.
+    limit was configured). Plugins (``obfs-server``, ``v2ray-plugin``, or any
+    child of a shadowsocks process) and the servers ``ss-manager`` starts are
+    checked too. ``pidfiles`` limits the report to the process trees of those
+    daemons (the servers an ``ss-manager`` started belong to its tree);
+    ``wait`` seconds gives restarted daemons time to come up.
 
     CLI Example:
 
@@ -709,7 +760,7 @@ def nofile(wanted=None, names=None, pidfiles=None, wait=0):
                                pidfiles, wait)
 
 
-def stop_start(name, pidfile=None, when=None, init=None, timeout=None, test=False):
+def stop_start(name, pidfile=None, when=None, init=None, timeout=None, grace=None, test=False):
     """
     Stop a service, wait until it is really gone, then start it, so that it
     comes back with the open-file limit now configured. Never the init
@@ -729,9 +780,14 @@ def stop_start(name, pidfile=None, when=None, init=None, timeout=None, test=Fals
         ``auto``, ``systemd`` or ``sysvinit`` (see ``init_system``).
     timeout
         Seconds for the stop and for the start.
+    grace
+        Seconds the daemon must stay up after it started: one that dies at
+        once (a crash loop) fails, named. ``0`` skips the check.
 
-    Left out, ``when``, ``init`` and ``timeout`` come from pillar
-    ``shadowsocks:tuning:limits`` (``restart``, ``init_system``, ``timeout``).
+    Left out, ``when``, ``init``, ``timeout`` and ``grace`` come from pillar
+    ``shadowsocks:tuning:limits`` (``restart``, ``init_system``, ``timeout``, ``grace``).
+    The comment says how many live TCP connections the stop cuts (counted
+    from the sockets of the daemon and its children).
 
     CLI Example:
 
@@ -742,8 +798,71 @@ def stop_start(name, pidfile=None, when=None, init=None, timeout=None, test=Fals
     resolved, opts = _resolve()
     when = settings_mod.validate_choice(when or resolved["restart"], settings_mod.RESTART_WHEN, "when")
     timeout = settings_mod.validate_seconds(timeout or resolved["timeout"], "timeout")
+    grace = settings_mod.validate_grace(resolved["grace"] if grace is None else grace, "grace")
     if pidfile is not None:
         pidfile = settings_mod.validate_path(pidfile, "pidfile")
     system = init_system(init) if init else resolved["init_system"]
     name = settings_mod.validate_unit(name, "name") if system == "systemd" else settings_mod.validate_service(name, "name")
-    return limits_engine.restart(opts, name, pidfile, when, system, timeout, bool(test))
+    return limits_engine.restart(opts, name, pidfile, when, system, timeout, grace, bool(test))
+
+
+# --------------------------------------------------------------------------
+# Diagnosis (the beacon reads the same report)
+# --------------------------------------------------------------------------
+def diagnose(headroom=20, critical=5, names=None, previous=None, save=True):
+    """
+    Say what a busy server is short of, from the kernel's own numbers. Each
+    finding has a ``symptom``, its ``evidence`` (the value and its ``change``
+    since the previous call), the ``limit`` involved, the ``pillar`` key that
+    addresses it, a ``fix`` and a ``severity`` (``ok``, ``warning``,
+    ``critical``):
+
+    - open files of every shadowsocks process (and its plugin children) and
+      supervisord against its soft limit: ``warning`` under ``headroom``
+      percent left, ``critical`` under ``critical`` percent;
+    - ``fs.file-nr`` against ``fs.file-max``; TCP memory (``sockstat``)
+      against ``net.ipv4.tcp_mem``; conntrack entries against
+      ``nf_conntrack_max`` where conntrack is loaded;
+    - rises of ``ListenOverflows``, ``ListenDrops``, ``TCPTimeWaitOverflow``,
+      ``TCPMemoryPressures``, ``TCPAbortOnMemory``, the ``TCPFastOpen``
+      fallbacks and blackhole (``/proc/net/netstat``) and of the Udp
+      ``RcvbufErrors``, ``SndbufErrors``, ``InErrors`` (``/proc/net/snmp``),
+      per network namespace;
+    - managed sysctls whose live value drifted from the one this package applied.
+
+    Changes are measured from the sample the previous call left in
+    ``state_dir`` (the first call has no baseline and says so; a bad sample
+    file is a note, not an error). ``previous`` (a ``sample`` returned by an
+    earlier call with ``save=False``) is used instead, and ``save=False``
+    leaves the file alone and returns the new ``sample``: what the beacon
+    does. salt-call exits non-zero when a finding is critical.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call shadowsocks_tuning.diagnose
+        salt '*' shadowsocks_tuning.diagnose headroom=30
+    """
+    engine = _ENGINES["sstuning_diagnose"]
+    limits = []
+    for value, where, low in ((headroom, "headroom", 0), (critical, "critical", 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < 100:
+            raise SaltInvocationError(f"{where}: {value!r} must be a percentage from 0 to 99")
+        limits.append(value)
+    if critical > headroom:
+        raise SaltInvocationError(f"critical: {critical} must not be above headroom ({headroom})")
+    if previous is not None and not isinstance(previous, dict):
+        raise SaltInvocationError("previous: must be the `sample` an earlier diagnose save=False returned")
+    notes = []
+    try:
+        resolved, opts = _resolve()
+        config, wanted = resolved["config"], resolved["nofile"]
+    except SaltInvocationError as exc:
+        opts, config, wanted = _options(), settings_mod.DEFAULTS["config"], None
+        notes.append(f"pillar {settings_mod.PILLAR} is not valid, so drift is checked against {config}: {exc}")
+    result = engine.report(opts["proc_root"], opts["state_dir"], config, limits_engine.process_names(names),
+                           limits[0], limits[1], wanted, previous, bool(save), notes)
+    if result["severity"] == "critical":
+        __context__["retcode"] = 1
+    return result
