@@ -346,20 +346,23 @@ def restore(state_dir, proc_root, managed, test, force=False):
             writes.append((key, value))
     files = []
     for path, raw in sorted(originals["files"].items()):
-        if path not in managed:
-            problems.append(
-                f"{record} lists {path}, which the current settings do not manage: put back the pillar that "
-                "managed it (the pillar changed since the apply?), or remove that entry from the record"
-            )
-            continue
         try:
             current = read_managed(path)  # a link planted since is refused, not followed
         except OSError as exc:
             problems.append(str(exc) if isinstance(exc, NotRegularFile) else f"{path}: cannot read: {exc.strerror}")
             continue
         written = originals["written"].get(path)
+        written = None if written is None else original_text(written)
+        # A file the settings no longer name (the pillar moved `config`) is still
+        # this package's while it holds exactly what the package wrote there.
+        if path not in managed and (written is None or current != written):
+            problems.append(
+                f"{record} lists {path}, which the current settings do not manage and which does not hold what "
+                "this package wrote there: put back the pillar that managed it, or remove that entry from the record"
+            )
+            continue
         original = None if raw is None else original_text(raw)
-        text, kept, lost = put_back(original, None if written is None else original_text(written), current)
+        text, kept, lost = put_back(original, written, current)
         if lost and not force:
             problems.append(
                 f"{path} changed since this package wrote it: putting back the original would lose "

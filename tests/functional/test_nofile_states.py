@@ -467,6 +467,17 @@ def test_a_pidfile_naming_another_program_is_neither_signalled_nor_waited_for(bo
         other.wait()
 
 
+def sockets_of(pid):
+    """How many sockets ``pid`` holds now (its fds come and go while it starts)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:
+            pass
+    return count
+
+
 def test_a_restart_says_how_many_live_connections_it_cuts(box):
     daemon = box.root / "bin" / "ssserver"
     daemon.unlink()
@@ -478,9 +489,7 @@ def test_a_restart_says_how_many_live_connections_it_cuts(box):
     subprocess.run([*netns, str(box.fakess), "start"], check=True, timeout=10)
     pidfile = box.pidfile("fakess")
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and sum(
-            os.readlink(f"/proc/{box.pid('fakess')}/fd/{fd}").startswith("socket:")
-            for fd in os.listdir(f"/proc/{box.pid('fakess')}/fd")) < 3:
+    while time.monotonic() < deadline and sockets_of(box.pid("fakess")) < 3:
         time.sleep(0.05)  # wait until the daemon has connected: listener, client, accepted peer
     run = box.minion.run
     predicted = run("shadowsocks_tuning.stop_start", "fakess", f"pidfile={pidfile}", "test=True").data

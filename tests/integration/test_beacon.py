@@ -147,11 +147,12 @@ def test_a_drifted_sysctl_fires_once_and_nothing_fires_while_nothing_changes(
 
     start = time.time()
     node.exec("sysctl", "-q", "-w", f"{DRIFT_KEY}=7000")
+    drifted = node.read_sysctl(DRIFT_KEY)  # read now: the reactor below soon puts it back
     event = wait_for(event_listener, fleet_master, "drift", start, lambda d: d.get("key") == DRIFT_KEY)
     seen.append({"tag": event.tag, "data": event.data})
     data = event.data
     assert data["id"] == MINION  # Salt's own field: the reactor targets it
-    assert data["evidence"] == {"value": node.read_sysctl(DRIFT_KEY), "applied": applied_value}
+    assert data["evidence"] == {"value": drifted, "applied": applied_value}
     assert data["pillar"] == f"shadowsocks:tuning:sysctls:{DRIFT_KEY}"
     assert data["severity"] == "warning" and "state.apply shadowsocks.tuning" in data["fix"]
 

@@ -98,6 +98,20 @@ def test_clean_refuses_a_path_the_settings_do_not_manage_and_changes_nothing(tre
         assert snapshot(tree) == before  # not the victim, not the managed file, not the sysctl
 
 
+def test_a_file_the_settings_no_longer_name_is_put_back_while_it_holds_what_was_written(tree):
+    moved = tree / "etc" / "old-local.conf"  # the pillar moved `config` since this file was written
+    moved.write_text("before\nours\n")
+    write_record(tree, {"files": {str(moved): b64("before\n")}, "written": {str(moved): b64("before\nours\n")}})
+    clean(tree, [], test=True)
+    clean(tree, [])
+    assert moved.read_text() == "before\n"
+    moved.write_text("before\nours\nsomeone else's\n")  # changed since: no longer provably ours
+    write_record(tree, {"files": {str(moved): b64("before\n")}, "written": {str(moved): b64("before\nours\n")}})
+    with pytest.raises(CommandExecutionError, match="does not hold what this package wrote there"):
+        clean(tree, [])
+    assert moved.read_text() == "before\nours\nsomeone else's\n"
+
+
 def test_clean_checks_every_file_before_it_writes_anything(tree):
     first, second = tree / "etc" / "a.conf", tree / "etc" / "b.conf"
     first.write_text("ours\n")
