@@ -98,7 +98,6 @@ COUNTERS = {
         "limits": ("net.core.rmem_default",), "pillar": _sysctl("net.core.rmem_default"), "rise": "warning",
         "fix": "raise net.core.rmem_default if RcvbufErrors rises with it"},
 }
-_PYTHON = ("python", "pypy")
 
 
 # --------------------------------------------------------------------------
@@ -181,60 +180,19 @@ def net_dir(proc_root):
 
 
 def _read(path, size=16384):
-    """The whole text of a /proc file, or None. ``size``: the first read (a
-    bigger buffer than needed costs more than the read, per process)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        chunks = [os.read(fd, size)]
-        while len(chunks[-1]) == size:
-            chunks.append(os.read(fd, 65536))
-        return b"".join(chunks).decode("ascii", "replace")
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def _stat(pid):
-    """(comm, ppid) from /proc/<pid>/stat with a bare descriptor (a process
-    scan reads hundreds of them), or None when it is gone or a zombie."""
-    text = _read(f"/proc/{pid}/stat", 1024)
-    if not text:
-        return None
-    head, _, rest = text.rpartition(")")
-    fields = rest.split(None, 2)
-    if len(fields) < 2 or fields[0] == "Z":
-        return None
-    return head[head.find("(") + 1:], int(fields[1])
+    """The whole text of a /proc file, or None."""
+    data = procfs.read_bytes(path, size)
+    return None if data is None else data.decode("ascii", "replace")
 
 
 def processes(names):
     """``{pid: (name, parent pid or None)}`` of every process going by one of
-    ``names`` and of each direct child of a shadowsocks process (a plugin
-    such as obfs-server or v2ray-plugin, under its own name)."""
-    found, table = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        stat = _stat(entry)
-        if stat is None:
-            continue
-        pid, (comm, ppid) = int(entry), stat
-        table[pid] = (comm, ppid)
-        if comm in names:
-            found[pid] = (comm, None)
-        elif comm.startswith(_PYTHON):  # `python3 /usr/bin/supervisord`
-            name = procfs.match_name(comm, procfs.proc_argv(pid), names)
-            if name:
-                found[pid] = (name, None)
-    ss = {pid for pid, (name, _) in found.items() if name != SUPERVISORD_NAME}
-    for pid, (comm, ppid) in table.items():
-        if ppid in ss and pid not in found:
-            found[pid] = (comm, ppid)
-    return found
+    ``names`` and of each child of a shadowsocks process (a plugin such as
+    obfs-server or v2ray-plugin, under its own name; the parent is named)."""
+    table = procfs.process_table()
+    named = procfs.named_processes(table, names)
+    return {pid: (name, table[pid][2] if named.get(table[pid][2]) in SS_PROCESS_NAMES else None)
+            for pid, name in named.items()}
 
 
 def open_fds(pid):

@@ -99,14 +99,32 @@ def nr_open(proc_root):
 # --------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------
-def proc_stat(pid):
-    """(comm, state, ppid) from /proc/<pid>/stat, or None when it is gone."""
+def read_bytes(path, size=4096):
+    """The whole content of a /proc file, or None. A bare descriptor and a
+    small first read: a process scan reads hundreds of these, and a file
+    object or a large buffer per read costs more than the read itself."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            text = handle.read().decode("utf-8", "replace")
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
-    head, _, rest = text.rpartition(")")
+    try:
+        chunks = [os.read(fd, size)]
+        while len(chunks[-1]) == size:
+            size = 65536
+            chunks.append(os.read(fd, size))
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def proc_stat(pid):
+    """(comm, state, ppid) from /proc/<pid>/stat, or None when it is gone."""
+    data = read_bytes(f"/proc/{pid}/stat", 1024)
+    if data is None:
+        return None
+    head, _, rest = data.decode("utf-8", "replace").rpartition(")")
     fields = rest.split()
     if len(fields) < 2:
         return None
@@ -143,11 +161,8 @@ def has_cap_sys_resource(pid="self"):
 
 
 def proc_argv(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return [a.decode("utf-8", "replace") for a in handle.read().split(b"\0") if a]
-    except OSError:
-        return []
+    data = read_bytes(f"/proc/{pid}/cmdline")
+    return [a.decode("utf-8", "replace") for a in (data or b"").split(b"\0") if a]
 
 
 def match_name(comm, argv, names):
