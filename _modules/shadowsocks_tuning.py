@@ -1,11 +1,14 @@
 """
 Kernel and open-file tuning for shadowsocks servers: the Salt face of the
-engines in ``_utils/sstuning_*.py``.
+engines in ``_utils/sstuning_*.py``. This file holds the kernel half
+(sysctls), ``clean``, ``container`` and ``diagnose``; the open-file-limit
+half lives in ``shadowsocks_tuning_limits.py``, which Salt's loader files
+under the same name ``shadowsocks_tuning``.
 
-This module is the only place that reads Salt: minion options
+The two files are the only places that read Salt: minion options
 (``__opts__``) and pillar ``shadowsocks:tuning`` (``__pillar__``) are read
 once per call, resolved into validated settings by
-``sstuning_settings.resolve``, and passed down as plain values to the
+``sstuning_engines.resolve``, and passed down as plain values to the
 sysctl engine (``sstuning_sysctl``) and the open-file-limit engine
 (``sstuning_limits``). Any problem anywhere in the pillar fails every
 function that acts, before anything is written.
@@ -18,8 +21,6 @@ in ``OPTIONS`` of ``sstuning_settings``, are the real system): ``proc_root``,
 """
 
 import contextlib
-import importlib
-import importlib.machinery
 import os
 import sys
 
@@ -28,58 +29,18 @@ from salt.exceptions import CommandExecutionError, SaltInvocationError
 __virtualname__ = "shadowsocks_tuning"
 __func_alias__ = {"set_": "set"}
 
-# The engines, flat files in _utils/ (dependencies first). Their names share
-# the global sys.modules with everything else, hence the prefix.
-UTILS = (
-    "sstuning_catalogue", "sstuning_settings", "sstuning_procfs", "sstuning_journal", "sstuning_sysctld",
-    "sstuning_lines", "sstuning_ports", "sstuning_services", "sstuning_sysctl", "sstuning_limits",
-    "sstuning_container", "sstuning_diagnose",
-)
 
-
-def _utils_dir():
-    """Where the engines are: the synced ``extmods/utils`` (file_roots +
-    ``saltutil.sync_all``) or the files salt-ssh shipped, both on sys.path
-    while Salt's loader imports this module; else the copy a pip install
-    put inside the package."""
-    spec = importlib.machinery.PathFinder.find_spec(UTILS[0])
-    if spec is not None and spec.origin:
-        return os.path.dirname(spec.origin)
+# The engines come through sstuning_engines: Salt's loader puts the synced
+# utils on sys.path while it imports this file (file_roots + sync_all,
+# salt-ssh); a pip install carries them inside the package.
+try:
+    import sstuning_engines as engines
+except ImportError:
     try:
-        from saltext_shadowsocks_tuning import utils_dir  # pylint: disable=import-outside-toplevel
+        from saltext_shadowsocks_tuning._utils import sstuning_engines as engines
     except ImportError:
-        return None
-    return utils_dir()
-
-
-def _import_utils():
-    """Import the engines from one directory. A long-running minion keeps its
-    first import of a module after ``saltutil.sync_all``: re-import all of
-    them when any file changed or moved, so no stale engine stays."""
-    directory = _utils_dir()
-    if directory is None:
-        return None
-    stamps = {}
-    for name in UTILS:
-        path = os.path.join(directory, f"{name}.py")
-        try:
-            stamps[name] = (path, os.stat(path).st_mtime_ns)
-        except OSError:
-            return None
-    fresh = all(getattr(sys.modules.get(name), "__sstuning_stamp__", None) == stamps[name] for name in UTILS)
-    if not fresh:
-        for name in UTILS:
-            sys.modules.pop(name, None)
-        sys.path.insert(0, directory)
-        try:
-            for name in UTILS:
-                importlib.import_module(name).__sstuning_stamp__ = stamps[name]
-        finally:
-            sys.path.remove(directory)
-    return {name: sys.modules[name] for name in UTILS}
-
-
-_ENGINES = _import_utils()
+        engines = None
+_ENGINES = engines.load() if engines else None
 if _ENGINES:
     catalogue_data = _ENGINES["sstuning_catalogue"]
     settings_mod = _ENGINES["sstuning_settings"]
@@ -87,7 +48,6 @@ if _ENGINES:
     journal = _ENGINES["sstuning_journal"]
     sysctl_engine = _ENGINES["sstuning_sysctl"]
     limits_engine = _ENGINES["sstuning_limits"]
-    services = _ENGINES["sstuning_services"]
 
 
 def __virtual__():
@@ -108,26 +68,7 @@ def _options():
 
 def _resolve(arguments=None):
     """(settings, options): pillar shadowsocks:tuning and ``arguments``, validated whole."""
-    opts = _options()
-    tuning = settings_mod.pillar_tuning(globals().get("__pillar__", {}))
-    settings = settings_mod.resolve(
-        tuning, arguments, nr_open=procfs.nr_open(opts["proc_root"]), systemd=os.path.isdir(opts["systemd_marker"])
-    )
-    return settings, opts
-
-
-def _prepare(arguments, test):
-    """Resolve, then plan both halves and collect every problem: a typo or a
-    missing target in one half stops the other too."""
-    settings, opts = _resolve(arguments)
-    sysctls = sysctl_engine.prepare(settings, opts, test)
-    limits = limits_engine.plan(settings, opts)
-    errors = sysctls["errors"] + limits["errors"]
-    try:
-        journal.load_originals(opts["state_dir"])  # a broken record would stop the first write
-    except CommandExecutionError as exc:
-        errors.append(str(exc))
-    return settings, opts, sysctls, limits, errors
+    return engines.resolve(__opts__.get, globals().get("__pillar__", {}), arguments)
 
 
 def _fail(errors):
@@ -338,11 +279,11 @@ def diff(profile=None, sysctls=None, config=None, force=None, policy=None, conge
         salt-call shadowsocks_tuning.diff profile=bbr
     """
     try:
-        _, _, sysctls_plan, _, errors = _prepare(_sysctl_args(profile, sysctls, config, force, policy,
-                                                              congestion_fallback), test=True)
+        settings, opts = _resolve(_sysctl_args(profile, sysctls, config, force, policy, congestion_fallback))
     except SaltInvocationError as exc:
         return {"changes": {}, "comment": [], "errors": [str(exc)], "profile": profile}
-    return {key: sysctls_plan[key] for key in ("changes", "comment", "profile")} | {"errors": errors}
+    planned = engines.prepare(settings, opts, test=True)
+    return {key: planned["sysctls"][key] for key in ("changes", "comment", "profile")} | {"errors": planned["errors"]}
 
 
 def apply(profile=None, sysctls=None, config=None, force=None, policy=None, congestion_fallback=None):
@@ -360,18 +301,18 @@ def apply(profile=None, sysctls=None, config=None, force=None, policy=None, cong
         salt-call shadowsocks_tuning.apply
         salt-call shadowsocks_tuning.apply profile=bbr config=/etc/sysctl.d/60-shadowsocks.conf
     """
-    arguments = _sysctl_args(profile, sysctls, config, force, policy, congestion_fallback)
-    state_dir = _options()["state_dir"]
+    resolved, opts = _resolve(_sysctl_args(profile, sysctls, config, force, policy, congestion_fallback))
+    state_dir = opts["state_dir"]
     with journal.lock(state_dir):
-        resolved, opts, sysctls_plan, _, errors = _prepare(arguments, test=False)
-        if errors:
-            _fail(errors)
-        if sysctls_plan["changes"]:
+        planned = engines.prepare(resolved, opts, test=False)
+        if planned["errors"]:
+            _fail(planned["errors"])
+        if planned["sysctls"]["changes"]:
             # Left by a run that died between write and rename; only a run that writes tidies up.
             for path in (resolved["config"], journal.originals_path(state_dir),
                          os.path.join(opts["modules_load_dir"], sysctl_engine.MODULES_LOAD_NAME)):
                 journal.remove_stray_temporaries(path)
-        result = sysctl_engine.apply(resolved, opts, sysctls_plan)
+        result = sysctl_engine.apply(resolved, opts, planned["sysctls"], planned["originals"])
     return {key: result[key] for key in ("changes", "comment", "errors", "profile")}
 
 
@@ -476,334 +417,6 @@ def clean(test=False, force=False):
     managed = sysctl_engine.managed_paths(settings, opts) | limits_engine.managed_paths(settings, opts)
     with contextlib.nullcontext() if test else journal.lock(opts["state_dir"]):
         return journal.restore(opts["state_dir"], opts["proc_root"], managed, bool(test), bool(force))
-
-
-# --------------------------------------------------------------------------
-# Open-file limits
-# --------------------------------------------------------------------------
-def validate_nofile(nofile):
-    """
-    Check an open-file limit and return it as an integer: a positive whole
-    number no higher than ``fs.nr_open``, the kernel's ceiling for any
-    process's RLIMIT_NOFILE.
-
-    CLI Example:
-
-    .. code-block:: bash
-
-        salt-call shadowsocks_tuning.validate_nofile 51200
-    """
-    return settings_mod.validate_nofile(nofile, procfs.nr_open(_options()["proc_root"]))
-
-
-def nofile_check(nofile=None, limits=None):
-    """
-    Validate the whole tuning before anything is written: every pillar key of
-    both halves, N (a positive integer, at most ``fs.nr_open``), every path,
-    service and unit name, the content of every file to edit (an init script
-    that is not a shell script, a ``ulimit`` line too complex to rewrite, a
-    supervisord config without ``[supervisord]``), missing init scripts, and
-    whether this process can grant N at all to the services it restarts.
-    Returns ``{"ok", "nofile", "init_system", "grantable", "manage",
-    "skipped", "errors", "notes", "verify"}`` (``verify``: the pidfiles and
-    wait of pillar ``limits:verify``); writes nothing.
-
-    CLI Example:
-
-    .. code-block:: bash
-
-        salt-call shadowsocks_tuning.nofile_check
-        salt-call shadowsocks_tuning.nofile_check 16384 '{init_scripts: [/etc/init.d/shadowsocks]}'
-    """
-    try:
-        resolved, _, _, planned, errors = _prepare({"nofile": nofile, "limits": limits}, test=True)
-    except SaltInvocationError as exc:
-        return {"ok": False, "nofile": None, "init_system": None, "grantable": None, "manage": [], "skipped": [],
-                "errors": [str(exc)], "notes": [], "verify": None}
-    notes = ["not installed, left alone: " + ", ".join(planned["skipped"])] if planned["skipped"] else []
-    return {
-        "ok": not errors,
-        "nofile": resolved["nofile"],
-        "init_system": resolved["init_system"],
-        "grantable": limits_engine.grantable(_options()["proc_root"])["limit"],
-        "manage": planned["manage"],
-        "skipped": planned["skipped"],
-        "errors": errors,
-        "notes": notes,
-        "verify": resolved["verify"],
-    }
-
-
-def nofile_apply(part=None, test=False):
-    """
-    Put the open-file limit (pillar ``shadowsocks:tuning:nofile``) in every
-    file of one part of pillar ``shadowsocks:tuning:limits`` (``supervisor``,
-    ``shadowsocks_libev``, ``init_scripts``, ``units``; all when omitted),
-    then stop and start each service whose file changed. Nothing is written
-    when any part of the pillar is invalid or a named file is missing.
-    Returns ``{"files": [...], "restarts": [...], "errors": [...]}``:
-    ``errors`` names each service that did not come back.
-
-    CLI Example:
-
-    .. code-block:: bash
-
-        salt-call shadowsocks_tuning.nofile_apply supervisor test=True
-        salt-call shadowsocks_tuning.nofile_apply
-    """
-    parts = settings_mod.LIMITS_PARTS if part is None else [
-        settings_mod.validate_choice(part, settings_mod.LIMITS_PARTS, "part")]
-    # The kernel half is planned as a dry run here: this call loads no module.
-    arguments = {}
-    # A dry run takes no lock: it must not even create state_dir.
-    with contextlib.nullcontext() if test else journal.lock(_options()["state_dir"]):
-        resolved, opts, _, planned, errors = _prepare(arguments, test=True)
-        if errors:
-            _fail(errors)
-        files, restarts, failed = [], [], []
-        for name in parts:
-            try:
-                done = limits_engine.apply_part(resolved, opts, planned["parts"][name], bool(test))
-            except CommandExecutionError as exc:  # a file could not be written
-                written = [item["path"] for item in limits_engine.written(planned["parts"][name])]
-                raise CommandExecutionError(f"{exc} (written before that: {', '.join(written) or 'nothing'})")
-            files.extend(done[0])
-            restarts.extend(done[1])
-            failed.extend(done[2])
-    for item in files:
-        item.pop("text", None)
-    return {"nofile": resolved["nofile"], "files": files, "restarts": restarts, "errors": failed}
-
-
-def _one_file(target, nofile, test, force):
-    """Plan one file and, unless ``test``, write it under the lock."""
-    opts = _options()
-    if target["kind"] != "assignment":  # a KEY=value line takes any plain value
-        nofile = settings_mod.validate_nofile(nofile, procfs.nr_open(opts["proc_root"]))
-    planned = limits_engine.plan_file(opts, target, nofile, bool(force))
-    if planned["changed"] and not test:
-        with journal.lock(opts["state_dir"]):
-            limits_engine.write_file(opts, planned)
-    planned.pop("text", None)
-    return planned
-
-
-def set_ulimit(path, nofile, placement="end", test=False, if_missing="fail", force=False):
-    """
-    Give a shell file exactly one active ``ulimit -n <nofile>`` line: an
-    existing ``ulimit -n`` line is rewritten in place, never duplicated, and
-    every other line (comments, CRLF endings, a missing final newline) stays
-    byte for byte. ``placement=end`` appends a new line (a file sourced by an
-    init script, such as ``/etc/default/supervisor``); ``placement=init`` puts
-    it right after the LSB header, before the script starts anything.
-    ``if_missing``: ``fail`` or ``skip``. An existing higher limit is kept
-    unless ``force=True``. Returns what changed, with a diff.
-
-    CLI Example:
-
-    .. code-block:: bash
-
-        salt-call shadowsocks_tuning.set_ulimit /etc/default/supervisor 51200 test=True
-        salt-call shadowsocks_tuning.set_ulimit /etc/init.d/shadowsocks 51200 placement=init
-    """
-    target = {"kind": "ulimit", "path": settings_mod.validate_path(path, "path"),
-              "placement": settings_mod.validate_choice(placement, ("end", "init"), "placement"),
-              "required": settings_mod.validate_choice(if_missing, ("fail", "skip"), "if_missing") == "fail"}
-    return _one_file(target, nofile, test, force)
-
-
-def set_assignment(path, key, value, test=False, if_missing="fail", force=False):
-    """
-    Give a shell-sourced defaults file exactly one active ``KEY=value`` line,
-    e.g. ``MAXFD=51200`` in ``/etc/default/shadowsocks-libev`` (its init
-    script runs ``ulimit -n ${MAXFD}``). Quotes and a trailing comment of the
-    existing line are kept; other lines stay byte for byte. A higher number
-    already there is kept unless ``force=True``.
-
-    CLI Example:
-
-    .. code-block:: bash
-
-        salt-call shadowsocks_tuning.set_assignment /etc/default/shadowsocks-libev MAXFD 51200
-    """
-    lines = _ENGINES["sstuning_lines"]
-    if not isinstance(key, str) or not lines.ENV_KEY.match(key):
-        raise SaltInvocationError(f"key: {key!r} is not a shell variable name such as MAXFD")
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not lines.ENV_VALUE.match(str(value)):
-        raise SaltInvocationError(
-            f"{key}: {value!r} is not a plain value (letters, digits and ./:@%+,=- only; nothing a shell would expand)"
-        )
-    target = {"kind": "assignment", "path": settings_mod.validate_path(path, "path"), "key": key,
-              "required": settings_mod.validate_choice(if_missing, ("fail", "skip"), "if_missing") == "fail"}
-    return _one_file(target, str(value), test, force)
-
-
-def set_minfds(path, nofile, test=False, if_missing="fail", force=False):
-    """
-    Set ``minfds=<nofile>`` in the ``[supervisord]`` section of supervisord's
-    configuration, so supervisord raises its own limit (and its programs') even
-    where it is started without ``/etc/default/supervisor``.
-
-    CLI Example:
-
-    .. code-block:: bash
-
-        salt-call shadowsocks_tuning.set_minfds /etc/supervisor/supervisord.conf 51200 test=True
-    """
-    target = {"kind": "minfds", "path": settings_mod.validate_path(path, "path"),
-              "required": settings_mod.validate_choice(if_missing, ("fail", "skip"), "if_missing") == "fail"}
-    return _one_file(target, nofile, test, force)
-
-
-def dropin_path(unit):
-    """
-    The drop-in file that carries ``LimitNOFILE`` for a unit; for a template
-    unit (``name@.service``) it applies to every instance.
-
-    CLI Example:
-
-    .. code-block:: bash
-
-        salt-call shadowsocks_tuning.dropin_path shadowsocks-libev-server@.service
-    """
-    return limits_engine.dropin_path(_options(), settings_mod.validate_unit(unit, "unit"))
-
-
-def set_systemd_nofile(unit, nofile, test=False, if_missing="fail"):
-    """
-    Write a systemd drop-in with ``LimitNOFILE=<nofile>`` for a service unit
-    (template units such as ``shadowsocks-libev-server@.service`` included).
-    Run ``daemon-reload`` and restart the unit afterwards (``stop_start``).
-    ``if_missing`` applies to the unit: ``skip`` leaves units that are not
-    installed alone.
-
-    CLI Example:
-
-    .. code-block:: bash
-
-        salt-call shadowsocks_tuning.set_systemd_nofile supervisor.service 51200 test=True
-    """
-    unit = settings_mod.validate_unit(unit, "unit")
-    if_missing = settings_mod.validate_choice(if_missing, ("fail", "skip"), "if_missing")
-    opts = _options()
-    if if_missing == "fail" and limits_engine.unit_file(opts, unit) is None:
-        raise CommandExecutionError(
-            f"{unit}: no unit file in {', '.join(opts['unit_dirs'])}; install it, or remove it from pillar "
-            f"{settings_mod.LIMITS}"
-        )
-    return _one_file({"kind": "dropin", "path": None, "unit": unit}, nofile, test, False)
-
-
-def init_system(prefer="auto"):
-    """
-    Which service manager to go through: ``systemd`` when it is PID 1
-    (``/run/systemd/system`` exists, as sd_booted(3) checks), else
-    ``sysvinit`` (``service NAME stop|start`` and /etc/init.d scripts).
-    ``prefer`` forces one.
-
-    CLI Example:
-
-    .. code-block:: bash
-
-        salt-call shadowsocks_tuning.init_system
-    """
-    settings_mod.validate_choice(prefer, settings_mod.INIT_SYSTEMS, "prefer")
-    if prefer != "auto":
-        return prefer
-    return "systemd" if os.path.isdir(_options()["systemd_marker"]) else "sysvinit"
-
-
-def nofile_grantable():
-    """
-    The highest open-file limit a service started from this process can get:
-    ``fs.nr_open`` with CAP_SYS_RESOURCE, else this process's own hard limit
-    (``ulimit -n N`` above it fails with "Operation not permitted").
-
-    CLI Example:
-
-    .. code-block:: bash
-
-        salt-call shadowsocks_tuning.nofile_grantable
-    """
-    return limits_engine.grantable(_options()["proc_root"])
-
-
-def nofile(wanted=None, names=None, pidfiles=None, wait=0):
-    """
-    Report the open-file limits of supervisord and every shadowsocks process
-    (``ss-server``, ``ss-local``, ``ss-manager``, ``ss-redir``, ``ssserver``,
-    ``sslocal``, ...): soft and hard from ``/proc/<pid>/limits`` against the
-    wanted N (pillar ``shadowsocks:tuning:nofile``, else 51200), and for a
-    process below N the reason when it can be told (a parent's hard limit
-    without CAP_SYS_RESOURCE, ``fs.nr_open``, or a process started before the
-    limit was configured). Plugins (``obfs-server``, ``v2ray-plugin``, or any
-    child of a shadowsocks process) and the servers ``ss-manager`` starts are
-    checked too. ``pidfiles`` limits the report to the process trees of those
-    daemons (the servers an ``ss-manager`` started belong to its tree);
-    ``wait`` seconds gives restarted daemons time to come up.
-
-    CLI Example:
-
-    .. code-block:: bash
-
-        salt-call shadowsocks_tuning.nofile
-        salt-call shadowsocks_tuning.nofile 16384 pidfiles='[/var/run/supervisord.pid]'
-    """
-    resolved, opts = _resolve({"nofile": wanted})
-    if isinstance(pidfiles, str):
-        pidfiles = [pidfiles]
-    if pidfiles is not None and not isinstance(pidfiles, list):
-        raise SaltInvocationError(f"pidfiles: {pidfiles!r} must be a list of pidfile paths")
-    pidfiles = [settings_mod.validate_path(p, "pidfiles") for p in (pidfiles or [])]
-    wait = settings_mod.validate_seconds(wait, "wait", 0, 600)
-    return limits_engine.watch(opts["proc_root"], resolved["nofile"], limits_engine.process_names(names),
-                               pidfiles, wait)
-
-
-def stop_start(name, pidfile=None, when=None, init=None, timeout=None, grace=None, test=False):
-    """
-    Stop a service, wait until it is really gone, then start it, so that it
-    comes back with the open-file limit now configured. Never the init
-    script's ``restart``: Debian 12's ``/etc/init.d/supervisor restart`` only
-    stops supervisord. Under systemd: ``daemon-reload`` then ``restart``
-    (``try-restart`` for template units, by pattern).
-
-    name
-        The service (sysvinit: ``/etc/init.d/NAME``) or unit (systemd).
-    pidfile
-        The daemon's pidfile: tells whether it runs and when it is gone more
-        reliably than an init script's ``status``.
-    when
-        ``running`` (default: only a running service), ``always`` (start it
-        even if it was stopped), ``never``.
-    init
-        ``auto``, ``systemd`` or ``sysvinit`` (see ``init_system``).
-    timeout
-        Seconds for the stop and for the start.
-    grace
-        Seconds the daemon must stay up after it started: one that dies at
-        once (a crash loop) fails, named. ``0`` skips the check.
-
-    Left out, ``when``, ``init``, ``timeout`` and ``grace`` come from pillar
-    ``shadowsocks:tuning:limits`` (``restart``, ``init_system``, ``timeout``, ``grace``).
-    The comment says how many live TCP connections the stop cuts (counted
-    from the sockets of the daemon and its children).
-
-    CLI Example:
-
-    .. code-block:: bash
-
-        salt-call shadowsocks_tuning.stop_start supervisor pidfile=/var/run/supervisord.pid test=True
-    """
-    resolved, opts = _resolve()
-    when = settings_mod.validate_choice(when or resolved["restart"], settings_mod.RESTART_WHEN, "when")
-    timeout = settings_mod.validate_seconds(timeout or resolved["timeout"], "timeout")
-    grace = settings_mod.validate_grace(resolved["grace"] if grace is None else grace, "grace")
-    if pidfile is not None:
-        pidfile = settings_mod.validate_path(pidfile, "pidfile")
-    system = init_system(init) if init else resolved["init_system"]
-    name = settings_mod.validate_unit(name, "name") if system == "systemd" else settings_mod.validate_service(name, "name")
-    return limits_engine.restart(opts, name, pidfile, when, system, timeout, grace, bool(test))
 
 
 # --------------------------------------------------------------------------

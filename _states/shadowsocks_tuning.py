@@ -22,7 +22,9 @@ __virtualname__ = "shadowsocks_tuning"
 
 
 def __virtual__():
-    if "shadowsocks_tuning.apply" in __salt__:
+    # Both files of the execution module (kernel half, open-file half): asking
+    # for one function of each also loads them now, not inside a state's run.
+    if "shadowsocks_tuning.apply" in __salt__ and "shadowsocks_tuning.nofile_apply" in __salt__:
         return __virtualname__
     return (False, "shadowsocks_tuning state: the shadowsocks_tuning execution module is not loaded (Linux only)")
 

@@ -13,6 +13,7 @@ import difflib
 import fcntl
 import json
 import os
+import re
 import stat
 import tempfile
 
@@ -180,10 +181,14 @@ def load_originals(state_dir):
     return {name: data.get(name, {}) for name in _SECTIONS}
 
 
+_CONTROL = re.compile(r"[\x00-\x1f]")
+_CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f]")
+
+
 def valid_record_path(path):
     """Absolute, normalised (no ``..``, ``.`` or ``//``), no control characters."""
     return (isinstance(path, str) and os.path.isabs(path) and os.path.normpath(path) == path
-            and not any(ord(c) < 32 for c in path))
+            and not _CONTROL.search(path))
 
 
 def _base64_problem(raw):
@@ -210,7 +215,7 @@ def record_problems(data):
         except SaltInvocationError:
             problems.append(f"sysctls: {key!r} is not a sysctl name")
             continue
-        if not isinstance(value, str) or any(ord(c) < 32 and c != "\t" for c in value):
+        if not isinstance(value, str) or _CONTROL_BUT_TAB.search(value):
             problems.append(f"sysctls: {key}: {value!r} is not a sysctl value")
     for name in ("files", "written"):
         for path, raw in data.get(name, {}).items():

@@ -202,12 +202,13 @@ def plain(data):
 
 
 def pillar_tuning(pillar):
-    """``shadowsocks:tuning`` out of the whole pillar, by item access
-    (``pillar.get`` masks values inside modules on Salt 3008). Anything but a
-    mapping is returned as it is, for ``resolve`` to report."""
+    """``shadowsocks:tuning`` out of the whole pillar (the mapping's own
+    ``get``: the ``pillar.get`` function masks values inside modules on Salt
+    3008; item access on Salt 3008's pillar deep-copies all of it first).
+    Anything but a mapping is returned as it is, for ``resolve`` to report."""
     try:
-        shadowsocks = pillar["shadowsocks"]
-    except (KeyError, TypeError):
+        shadowsocks = pillar.get("shadowsocks")
+    except (AttributeError, TypeError):
         return {}
     if shadowsocks is None:
         return {}

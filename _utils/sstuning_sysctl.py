@@ -367,10 +367,12 @@ def prepare(settings, opts, test):
     }
 
 
-def apply(settings, opts, prepared):
+def apply(settings, opts, prepared, originals=None):
     """Write what ``prepare`` found, in one pass, then persist atomically. All
     or nothing: if the kernel rejects one value, the keys already written are
-    put back and nothing is persisted. Call under the journal lock."""
+    put back and nothing is persisted. Call under the journal lock;
+    ``originals``: the record as ``journal.load_originals`` read it under
+    that lock (read here when not given)."""
     root, state_dir, config = opts["proc_root"], opts["state_dir"], settings["config"]
     if not prepared["changes"]:
         return prepared
@@ -379,7 +381,7 @@ def apply(settings, opts, prepared):
         written = {config: prepared["config_text"]} if prepared["config_text"] is not None else {}
         if prepared["modules_load"]:
             written[prepared["modules_load"][0]] = prepared["modules_load"][1]
-        journal.remember(state_dir, journal.load_originals(state_dir),
+        journal.remember(state_dir, journal.load_originals(state_dir) if originals is None else originals,
                          {k: old for k, (old, _) in prepared["writes"].items()}, files, written)
     except OSError as exc:
         raise CommandExecutionError(

@@ -30,7 +30,7 @@ from support import common
 from support.common import REPO, no_temporaries, state_of
 
 # Every Python file that runs on the minion: the Salt faces and the engines.
-SOURCES = [REPO / "_modules" / "shadowsocks_tuning.py", REPO / "_states" / "shadowsocks_tuning.py",
+SOURCES = [*sorted((REPO / "_modules").glob("*.py")), REPO / "_states" / "shadowsocks_tuning.py",
            *sorted((REPO / "_utils").glob("sstuning_*.py"))]
 KEYS = sorted(catalogue.CATALOGUE)
 # The sysctl part of `shadowsocks.tuning` (which includes it). The open-file

@@ -75,6 +75,11 @@ def test_pip_install_registers_the_modules_with_the_salt_loader(tmp_path, netns)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["local"] == " ".join(read_in_netns(netns, "net.core.somaxconn"))
 
+    # The open-file half is a second module file under the same name.
+    result = salt_call(config, "shadowsocks_tuning.validate_nofile", "4096", env=env, netns=netns, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["local"] == 4096
+
     result = salt_call(config, "state.single", "shadowsocks_tuning.tuned", "name=tuning", "test=True",
                        env=env, netns=netns, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -251,12 +256,13 @@ def test_sync_all_ships_modules_states_and_engines_and_the_module_works(masterle
     synced = masterless.cli.run("--local", "saltutil.sync_all")
     assert synced.returncode == 0, synced.stderr
     masterless.synced = True
-    assert "modules.shadowsocks_tuning" in synced.data["modules"]
+    assert sorted(synced.data["modules"]) == sorted(f"modules.{p.stem}" for p in (REPO / "_modules").glob("*.py"))
     assert "states.shadowsocks_tuning" in synced.data["states"]
     assert sorted(name for name in synced.data["utils"] if name.startswith("utils.sstuning_")) == [
         f"utils.{name}" for name in ENGINES]
     extmods = pathlib.Path(masterless.factory.config["extension_modules"])
-    assert (extmods / "modules" / "shadowsocks_tuning.py").read_bytes() == (REPO / "_modules" / "shadowsocks_tuning.py").read_bytes()
+    for module in (REPO / "_modules").glob("*.py"):
+        assert (extmods / "modules" / module.name).read_bytes() == module.read_bytes(), module.name
     assert (extmods / "states" / "shadowsocks_tuning.py").read_bytes() == (REPO / "_states" / "shadowsocks_tuning.py").read_bytes()
     for name in ENGINES:
         assert (extmods / "utils" / f"{name}.py").read_bytes() == (REPO / "_utils" / f"{name}.py").read_bytes(), name
@@ -264,6 +270,9 @@ def test_sync_all_ships_modules_states_and_engines_and_the_module_works(masterle
     got = masterless.run("shadowsocks_tuning.get", "net.core.somaxconn")
     assert got.returncode == 0, got.stderr
     assert got.data == " ".join(read_in_netns(masterless.netns, "net.core.somaxconn"))
+    # The open-file half is a second module file under the same name.
+    got = masterless.run("shadowsocks_tuning.validate_nofile", "4096")
+    assert got.returncode == 0 and got.data == 4096, got.stdout + got.stderr
     ret = masterless.run("state.single", "shadowsocks_tuning.tuned", "name=tuning", "test=True")
     (state,) = ret.data.values()
     assert state["result"] is None and state["changes"], state

@@ -9,7 +9,7 @@ import yaml
 
 from support.common import REPO
 
-SALT_FACES = [REPO / "_modules" / "shadowsocks_tuning.py", REPO / "_states" / "shadowsocks_tuning.py"]
+SALT_FACES = [*sorted((REPO / "_modules").glob("*.py")), REPO / "_states" / "shadowsocks_tuning.py"]
 SLS_FILES = sorted((REPO / "salt" / "shadowsocks" / "tuning").glob("*.sls"))
 # Top-level keys of an SLS file that are not state IDs.
 SLS_KEYWORDS = {"include", "extend"}
@@ -21,7 +21,7 @@ def public_functions(path):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_")]
 
 
-@pytest.mark.parametrize("path", SALT_FACES, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", SALT_FACES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_public_function_documents_a_cli_example(path):
     functions = public_functions(path)
     assert functions, f"no public function found in {path}"
