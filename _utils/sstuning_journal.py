@@ -44,15 +44,18 @@ def read_text(path):
     except IsADirectoryError:
         raise NotRegularFile(f"{path} is a directory, not a file")
     try:
-        kind = os.fstat(fd).st_mode
-        if not stat.S_ISREG(kind):
-            raise NotRegularFile(f"{path} is {_KINDS.get(stat.S_IFMT(kind), 'not a regular file')}, not a file")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(f"{path} is {_KINDS.get(stat.S_IFMT(info.st_mode), 'not a regular file')}, not a file")
+        # Sized by the file: a fixed large buffer is allocated (and mapped) per read.
+        size = info.st_size + 1
         chunks = []
         while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
+            chunk = os.read(fd, size)
             chunks.append(chunk)
+            if len(chunk) < size:  # a short read of a regular file: its end
+                break
+            size = 1 << 16
         return b"".join(chunks).decode("utf-8", errors="surrogateescape")
     finally:
         os.close(fd)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import struct
 
 import sstuning_procfs as procfs
@@ -29,6 +30,20 @@ def _port_of(value):
     return int(text) if text.isdigit() and 1 <= int(text) <= 65535 else None
 
 
+def _read_config(path):
+    """A config file's bytes (at most 1 MiB), read through a bare descriptor
+    sized by the file; OSError for anything but a regular file (a named pipe
+    would block)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return os.read(fd, min(info.st_size, 1 << 20))
+    finally:
+        os.close(fd)
+
+
 def config_ports(config_dir):
     """{port: where} from every ``*.json`` in shadowsocks-libev's config
     directory: ``server_port``, the keys of ``port_password``, the port of
@@ -40,8 +55,7 @@ def config_ports(config_dir):
         return found
     for path in (os.path.join(config_dir, name) for name in names):
         try:
-            with open(path, "rb") as handle:
-                data = json.loads(handle.read(1 << 20).decode("utf-8", "replace"))
+            data = json.loads(_read_config(path).decode("utf-8", "replace"))
         except (OSError, ValueError):
             continue  # not ours to judge: a broken config fails its own daemon
         if not isinstance(data, dict):
