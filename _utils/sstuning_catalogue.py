@@ -357,6 +357,8 @@ def keep_higher(key, wanted, live, lower=False):
     None. ``lower`` lets the ceiling field go down (a profile's documented
     choice): the max of a triple, the value of a plain key. ``key`` None means
     a plain number (an open-file limit in a file)."""
+    if wanted == live:  # the usual re-run: nothing to weigh
+        return wanted, None
     directions = CATALOGUE.get(key, {}).get("more") if key else (UP,)
     if not directions or live is None:
         return wanted, None

@@ -150,14 +150,15 @@ def proc_nofile(pid):
 
 
 def has_cap_sys_resource(pid="self"):
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
-    except (OSError, ValueError, IndexError):
+    data = read_bytes(f"/proc/{pid}/status", 2048)
+    start = data.find(b"\nCapEff:") if data else -1
+    if start < 0:
         return False
-    return False
+    end = data.find(b"\n", start + 1)
+    try:
+        return bool(int(data[start + 8:end if end > 0 else None], 16) >> CAP_SYS_RESOURCE & 1)
+    except ValueError:
+        return False
 
 
 def proc_argv(pid):
