@@ -3,7 +3,7 @@ event bus.
 
 One minion in its own network namespace, with the beacon on (every second,
 headroom 20 %), the package synced from this repository and its sysctl part
-applied into a sandbox (see TuningSandbox in conftest.py):
+applied into a sandbox (see TuningSandbox in support/fleet.py):
 
 - a `sysctl -w` of a managed key inside the minion's namespace gives one
   drift event with the live value, the README's reactor re-applies

@@ -10,8 +10,8 @@ them from inside each namespace.
 Minions share the host's filesystem: every path the package writes (the
 sysctl.d file, the engine's state dir, the supervisor / shadowsocks-libev
 files of the open-file-limit part) points into a per-minion sandbox, through
-minion options and pillar (see TuningSandbox in conftest.py). No service is
-stopped or started, no host sysctl or file under /etc changes.
+minion options and pillar (see TuningSandbox in support/fleet.py). No service
+is stopped or started, no host sysctl or file under /etc changes.
 """
 
 import json
