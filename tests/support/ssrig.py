@@ -40,21 +40,8 @@ Run as a script, this module also provides the two helper processes it starts:
 ``python ssrig.py echo-server ...`` and ``python ssrig.py count-wrap ...``.
 """
 
-# contextlib and sys are used here; the rest were imported by the single-file ssrig
-# and stay reachable as ssrig.<name>.
 import contextlib
-import ctypes
-import errno
-import json
-import os
-import selectors
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 
 # Run as a helper process: import the parts without writing __pycache__ into
 # tests/support (running the single file as a script wrote none).
