@@ -71,10 +71,6 @@ def _resolve(arguments=None):
     return engines.resolve(__opts__.get, globals().get("__pillar__", {}), arguments)
 
 
-def _fail(errors):
-    raise CommandExecutionError("\n".join(errors) + "\nNothing was changed")
-
-
 def _sysctl_args(profile, sysctls, config, force, policy, congestion_fallback):
     return {"profile": profile, "sysctls": sysctls, "config": config, "force": force, "policy": policy,
             "congestion_fallback": congestion_fallback}
@@ -306,7 +302,7 @@ def apply(profile=None, sysctls=None, config=None, force=None, policy=None, cong
     with journal.lock(state_dir):
         planned = engines.prepare(resolved, opts, test=False)
         if planned["errors"]:
-            _fail(planned["errors"])
+            engines.fail(planned["errors"])
         if planned["sysctls"]["changes"]:
             # Left by a run that died between write and rename; only a run that writes tidies up.
             for path in (resolved["config"], journal.originals_path(state_dir),

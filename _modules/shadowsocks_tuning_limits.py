@@ -134,7 +134,7 @@ def nofile_apply(part=None, test=False):
         # The kernel half is planned as a dry run here: this call loads no module.
         prepared = engines.prepare(resolved, opts, test=True)
         if prepared["errors"]:
-            raise CommandExecutionError("\n".join(prepared["errors"]) + "\nNothing was changed")
+            engines.fail(prepared["errors"])
         planned = prepared["limits"]
         files, restarts, failed = [], [], []
         for name in parts:

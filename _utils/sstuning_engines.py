@@ -84,3 +84,8 @@ def prepare(settings, opts, test):
         originals = None
         errors.append(str(exc))
     return {"sysctls": sysctls, "limits": limits, "originals": originals, "errors": errors}
+
+
+def fail(errors):
+    """Stop a call that acts: every problem ``prepare`` found, and that nothing was written."""
+    raise CommandExecutionError("\n".join(errors) + "\nNothing was changed")

@@ -10,6 +10,7 @@ import base64
 import collections
 import contextlib
 import difflib
+import errno
 import fcntl
 import json
 import os
@@ -31,11 +32,12 @@ class NotRegularFile(CommandExecutionError):
     """A path that is not a plain file of its own where one is needed."""
 
 
-def read_text(path):
+def read_text(path, max_bytes=None):
     """The text of a regular file (bytes that are not UTF-8 kept as
     surrogates, to be written back as they were), or None when it does not
     exist. Anything else (a directory, a named pipe, a device) raises
-    NotRegularFile instead of being read: a pipe would block forever."""
+    NotRegularFile instead of being read: a pipe would block forever. A file
+    over ``max_bytes`` raises OSError (EFBIG) unread."""
     try:
         # O_NONBLOCK: opening a named pipe must not wait for a writer.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -47,6 +49,8 @@ def read_text(path):
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise NotRegularFile(f"{path} is {_KINDS.get(stat.S_IFMT(info.st_mode), 'not a regular file')}, not a file")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"{path} is over {max_bytes} bytes")
         # Sized by the file: a fixed large buffer is allocated (and mapped) per read.
         size = info.st_size + 1
         chunks = []

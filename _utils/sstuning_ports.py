@@ -11,9 +11,9 @@ import contextlib
 import json
 import os
 import socket
-import stat
 import struct
 
+import sstuning_journal as journal
 import sstuning_procfs as procfs
 
 # linux/sock_diag.h, linux/inet_diag.h, linux/netlink.h
@@ -30,20 +30,6 @@ def _port_of(value):
     return int(text) if text.isdigit() and 1 <= int(text) <= 65535 else None
 
 
-def _read_config(path):
-    """A config file's bytes (at most 1 MiB), read through a bare descriptor
-    sized by the file; OSError for anything but a regular file (a named pipe
-    would block)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(f"{path} is not a regular file")
-        return os.read(fd, min(info.st_size, 1 << 20))
-    finally:
-        os.close(fd)
-
-
 def config_ports(config_dir):
     """{port: where} from every ``*.json`` in shadowsocks-libev's config
     directory: ``server_port``, the keys of ``port_password``, the port of
@@ -55,8 +41,8 @@ def config_ports(config_dir):
         return found
     for path in (os.path.join(config_dir, name) for name in names):
         try:
-            data = json.loads(_read_config(path).decode("utf-8", "replace"))
-        except (OSError, ValueError):
+            data = json.loads(journal.read_text(path, max_bytes=1 << 20) or "null")
+        except (OSError, ValueError, journal.NotRegularFile):
             continue  # not ours to judge: a broken config fails its own daemon
         if not isinstance(data, dict):
             continue

@@ -83,17 +83,9 @@ def serve(local_port, echo_port):
 def test_manager_servers_and_plugins_get_the_limit_and_serve(make_masterless, real_parts, tmp_path):
     saved = real_parts
     try:
-        binaries = {name: ssrig.require_binary(name, package) for name, package in (
-            ("ss-manager", "shadowsocks-libev"), ("ss-server", "shadowsocks-libev"),
-            ("obfs-server", "simple-obfs"), ("obfs-local", "simple-obfs"))}
+        bin_dir = ssrig.link_binaries(tmp_path / "bin", ("ss-manager", "ss-server", "obfs-server", "obfs-local"))
     except ssrig.MissingBinaryError as exc:
         pytest.skip(str(exc))
-    # Links in the test's own directory: every daemon is found (and killed, if
-    # need be) by its path, and the plugins run from there too.
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, path in binaries.items():
-        (bin_dir / name).symlink_to(path)
     minion = make_masterless()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     minion.pillar({"config": str(minion.config), "nofile": NOFILE,

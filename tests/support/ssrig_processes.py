@@ -24,7 +24,7 @@ import time
 __all__ = [
     "resource", "HOST", "DEFAULT_METHOD", "DEFAULT_PASSWORD", "FD_ERROR_TEXT",
     "BINARY_PACKAGES", "THIS_FILE", "_SEARCH_PATH", "RigError", "MissingBinaryError",
-    "PortInUseError", "DaemonExitedError", "require_binary", "free_port", "port_is_free",
+    "PortInUseError", "DaemonExitedError", "require_binary", "link_binaries", "free_port", "port_is_free",
     "check_port_free", "is_listening", "raise_nofile_soft_limit", "read_nofile_limits",
     "read_rss_kb", "count_open_fds", "process_state", "pid_alive", "process_comm", "find_pids",
     "tail_text", "_die_with_parent", "_stop_popen", "_wait_until", "_run_echo_server",
@@ -46,6 +46,9 @@ FD_ERROR_TEXT = b"too many open files"  # matched case-insensitively
 BINARY_PACKAGES = {
     "ss-server": "shadowsocks-libev",
     "ss-local": "shadowsocks-libev",
+    "ss-manager": "shadowsocks-libev",
+    "obfs-server": "simple-obfs",
+    "obfs-local": "simple-obfs",
     "supervisord": "supervisor",
     "supervisorctl": "supervisor",
 }
@@ -90,6 +93,18 @@ def require_binary(name, package=None):
             f"{name!r} not found; install the Debian package {package!r} "
             f"(apt-get update && apt-get install -y {package})")
     return path
+
+
+def link_binaries(directory, names):
+    """Links to the binaries ``names`` in ``directory`` (made here), which is
+    returned: a daemon started from there is found, and killed if need be, by
+    that path, and the plugins it starts run from there too. Raises
+    MissingBinaryError naming the package of the first one missing."""
+    paths = {name: require_binary(name) for name in names}
+    directory.mkdir()
+    for name, path in paths.items():
+        (directory / name).symlink_to(path)
+    return directory
 
 
 def free_port(host=HOST):

@@ -33,15 +33,9 @@ def wait_for(predicate, timeout=10):
 @pytest.fixture
 def family(tmp_path):
     try:
-        binaries = {name: ssrig.require_binary(name, package)
-                    for name, package in (("ss-manager", "shadowsocks-libev"), ("ss-server", "shadowsocks-libev"),
-                                          ("obfs-server", "simple-obfs"))}
+        bin_dir = ssrig.link_binaries(tmp_path / "bin", ("ss-manager", "ss-server", "obfs-server"))
     except ssrig.MissingBinaryError as exc:
         pytest.skip(str(exc))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, path in binaries.items():
-        (bin_dir / name).symlink_to(path)
     (tmp_path / "manager").mkdir()
     (tmp_path / "manager.json").write_text(json.dumps({
         "server": "127.0.0.1", "method": "chacha20-ietf-poly1305", "port_password": {"18501": "one", "18502": "two"}}))
