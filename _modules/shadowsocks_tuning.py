@@ -1,17 +1,16 @@
 """
 Kernel and open-file tuning for shadowsocks servers: the Salt face of the
 engines in ``_utils/sstuning_*.py``. This file holds the kernel half
-(sysctls), ``clean``, ``container`` and ``diagnose``; the open-file-limit
-half lives in ``shadowsocks_tuning_limits.py``, which Salt's loader files
-under the same name ``shadowsocks_tuning``.
+(sysctls), ``plan``, ``clean``, ``container`` and ``diagnose``; the
+open-file-limit half lives in ``shadowsocks_tuning_limits.py``, which Salt's
+loader files under the same name ``shadowsocks_tuning``.
 
 The two files are the only places that read Salt: minion options
 (``__opts__``) and pillar ``shadowsocks:tuning`` (``__pillar__``) are read
-once per call, resolved into validated settings by
-``sstuning_engines.resolve``, and passed down as plain values to the
-sysctl engine (``sstuning_sysctl``) and the open-file-limit engine
-(``sstuning_limits``). Any problem anywhere in the pillar fails every
-function that acts, before anything is written.
+once per call and turned into one plan (``sstuning_plan.make``: settings,
+both halves, every problem), which the engines act on as plain values. The
+states of one run share that plan. Any problem anywhere in the pillar fails
+every function that acts, before anything is written.
 
 Minion options ``shadowsocks_tuning.<name>`` (all optional; the defaults,
 in ``OPTIONS`` of ``sstuning_settings``, are the real system): ``proc_root``,
@@ -21,7 +20,6 @@ in ``OPTIONS`` of ``sstuning_settings``, are the real system): ``proc_root``,
 """
 
 import contextlib
-import os
 import sys
 
 from salt.exceptions import CommandExecutionError, SaltInvocationError
@@ -29,32 +27,31 @@ from salt.exceptions import CommandExecutionError, SaltInvocationError
 __virtualname__ = "shadowsocks_tuning"
 __func_alias__ = {"set_": "set"}
 
-
-# The engines come through sstuning_engines: Salt's loader puts the synced
+# The engines are flat files imported by name: Salt's loader puts the synced
 # utils on sys.path while it imports this file (file_roots + sync_all,
-# salt-ssh); a pip install carries them inside the package.
+# salt-ssh), a pip install's entry point puts its own copy there. `fresh()`
+# forgets engines a re-sync replaced (see sstuning_imports).
 try:
-    import sstuning_engines as engines
-except ImportError:
-    try:
-        from saltext_shadowsocks_tuning._utils import sstuning_engines as engines
-    except ImportError:
-        engines = None
-_ENGINES = engines.load() if engines else None
-if _ENGINES:
-    catalogue_data = _ENGINES["sstuning_catalogue"]
-    settings_mod = _ENGINES["sstuning_settings"]
-    procfs = _ENGINES["sstuning_procfs"]
-    journal = _ENGINES["sstuning_journal"]
-    sysctl_engine = _ENGINES["sstuning_sysctl"]
-    limits_engine = _ENGINES["sstuning_limits"]
+    from sstuning_imports import fresh
+
+    with fresh():
+        import sstuning_catalogue
+        import sstuning_journal
+        import sstuning_limits
+        import sstuning_plan
+        import sstuning_procfs
+        import sstuning_settings
+        import sstuning_sysctl
+    _MISSING = None
+except ImportError as exc:
+    _MISSING = str(exc)
 
 
 def __virtual__():
     if not sys.platform.startswith("linux"):
         return (False, f"shadowsocks_tuning: needs a Linux kernel (/proc/sys); this is {sys.platform}")
-    if not _ENGINES:
-        return (False, "shadowsocks_tuning: its engines (_utils/sstuning_*.py) were not found; run "
+    if _MISSING:
+        return (False, f"shadowsocks_tuning: its engines (_utils/sstuning_*.py) were not found ({_MISSING}); run "
                        "saltutil.sync_all (file_roots) or reinstall the package (pip)")
     return __virtualname__
 
@@ -63,22 +60,33 @@ def __virtual__():
 # Reading Salt once
 # --------------------------------------------------------------------------
 def _options():
-    return settings_mod.options(__opts__.get)
+    return sstuning_plan.options(__opts__.get)
 
 
-def _resolve(arguments=None):
+def _plan(arguments=None, test=True):
+    """The plan of pillar shadowsocks:tuning and ``arguments``, or the one a state passed in."""
+    given = (arguments or {}).pop("plan", None) if arguments else None
+    if given is not None:
+        if not isinstance(given, sstuning_plan.Plan):
+            raise SaltInvocationError("plan: leave it out: a plan is made by this package's own states")
+        return given
+    return sstuning_plan.make(_options(), globals().get("__pillar__", {}), arguments, test)
+
+
+def _settings(arguments=None):
     """(settings, options): pillar shadowsocks:tuning and ``arguments``, validated whole."""
-    return engines.resolve(__opts__.get, globals().get("__pillar__", {}), arguments)
+    options = _options()
+    return sstuning_plan.resolve(options, globals().get("__pillar__", {}), arguments), options
 
 
-def _sysctl_args(profile, sysctls, config, force, policy, congestion_fallback):
+def _sysctl_args(profile, sysctls, config, force, policy, congestion_fallback, plan=None):
     return {"profile": profile, "sysctls": sysctls, "config": config, "force": force, "policy": policy,
-            "congestion_fallback": congestion_fallback}
+            "congestion_fallback": congestion_fallback, "plan": plan}
 
 
 def _keys_arg(keys):
     if keys is None:
-        return list(catalogue_data.CATALOGUE)
+        return list(sstuning_catalogue.CATALOGUE)
     if isinstance(keys, str):
         return [k.strip() for k in keys.split(",") if k.strip()]
     return list(keys)
@@ -100,7 +108,7 @@ def validate_key(key):
 
         salt-call shadowsocks_tuning.validate_key net.core.somaxconn
     """
-    return catalogue_data.validate_key(key)
+    return sstuning_catalogue.validate_key(key)
 
 
 def normalise(key, value):
@@ -114,7 +122,7 @@ def normalise(key, value):
 
         salt-call shadowsocks_tuning.normalise net.ipv4.tcp_rmem '[4096, 87380, 67108864]'
     """
-    return catalogue_data.normalise(key, value)
+    return sstuning_catalogue.normalise(key, value)
 
 
 def get(*keys):
@@ -133,19 +141,20 @@ def get(*keys):
     """
     if not keys:
         raise SaltInvocationError("get: name at least one sysctl key, e.g. net.core.somaxconn")
-    root = __opts__.get("shadowsocks_tuning.proc_root", settings_mod.OPTIONS["proc_root"])
+    root = __opts__.get("shadowsocks_tuning.proc_root", sstuning_settings.OPTIONS["proc_root"])
     if len(keys) == 1 and isinstance(keys[0], str) and "," not in keys[0]:
         key = keys[0]
         try:
-            return procfs.read(root, key)
+            return sstuning_procfs.read(root, key)
         except FileNotFoundError:
-            raise CommandExecutionError(f"{key}: not present on this kernel ({procfs.sysctl_path(root, key)} does not exist)")
+            raise CommandExecutionError(
+                f"{key}: not present on this kernel ({sstuning_procfs.sysctl_path(root, key)} does not exist)")
         except OSError as exc:
             raise CommandExecutionError(f"{key}: cannot read: {exc.strerror}")
     wanted = []
     for key in keys:
         wanted.extend(_keys_arg(key))
-    return {key: procfs.read_or(root, key) for key in wanted}
+    return {key: sstuning_procfs.read_or(root, key) for key in wanted}
 
 
 def set_(key, value, force=False):
@@ -161,8 +170,8 @@ def set_(key, value, force=False):
         salt-call shadowsocks_tuning.set net.core.somaxconn 8192
         salt-call shadowsocks_tuning.set net.ipv4.tcp_rmem '4096 87380 67108864'
     """
-    text = catalogue_data.normalise(key, value)
-    return sysctl_engine.set_key(_options()["proc_root"], key, text, bool(force))
+    text = sstuning_catalogue.normalise(key, value)
+    return sstuning_sysctl.set_key(_options()["proc_root"], key, text, bool(force))
 
 
 def probe(keys=None):
@@ -186,10 +195,10 @@ def probe(keys=None):
     wanted = keys if isinstance(keys, dict) else {}
     names = _keys_arg(keys)
     for key in names:
-        catalogue_data.validate_key(key)
+        sstuning_catalogue.validate_key(key)
     root = _options()["proc_root"]
-    child = procfs.in_child_netns(root)
-    return {key: sysctl_engine.probe_key(root, key, wanted.get(key), child) for key in names}
+    child = sstuning_procfs.in_child_netns(root)
+    return {key: sstuning_sysctl.probe_key(root, key, wanted.get(key), child) for key in names}
 
 
 def catalogue():
@@ -203,7 +212,7 @@ def catalogue():
 
         salt-call shadowsocks_tuning.catalogue
     """
-    return catalogue_data.describe()
+    return sstuning_catalogue.describe()
 
 
 def settings(**arguments):
@@ -220,7 +229,7 @@ def settings(**arguments):
         salt-call shadowsocks_tuning.settings nofile=16384
     """
     arguments = {k: v for k, v in arguments.items() if not k.startswith("__")}
-    return _resolve(arguments)[0]
+    return _settings(arguments)[0]
 
 
 def profile(name=None, sysctls=None):
@@ -235,7 +244,7 @@ def profile(name=None, sysctls=None):
         salt-call shadowsocks_tuning.profile
         salt-call shadowsocks_tuning.profile bbr
     """
-    resolved = _resolve({"profile": name, "sysctls": sysctls})[0]
+    resolved = _settings({"profile": name, "sysctls": sysctls})[0]
     return {
         "profile": resolved["profile"],
         "include_chain": resolved["chain"],
@@ -255,10 +264,34 @@ def profiles():
 
         salt-call shadowsocks_tuning.profiles
     """
-    return _resolve()[0]["profiles"]
+    return _settings()[0]["profiles"]
 
 
-def diff(profile=None, sysctls=None, config=None, force=None, policy=None, congestion_fallback=None, test=True):  # noqa: ARG001
+def plan(profile=None, sysctls=None, config=None, force=None, policy=None, congestion_fallback=None, nofile=None,
+         limits=None, test=True):
+    """
+    What ``state.apply shadowsocks.tuning`` would do, both halves, planned
+    once and written nowhere: ``{"ok", "errors", "notes", "sysctl":
+    {changes, comment}, "limits": {files, processes, notes},
+    "pending_restarts"}``. ``errors`` holds every problem of either half,
+    which would stop every state. The states of one run share one plan.
+    Arguments left out come from pillar ``shadowsocks:tuning``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call shadowsocks_tuning.plan
+        salt-call shadowsocks_tuning.plan profile=bbr nofile=16384
+    """
+    arguments = _sysctl_args(profile, sysctls, config, force, policy, congestion_fallback)
+    arguments.update(nofile=nofile, limits=limits)
+    arguments.pop("plan")
+    return _plan(arguments, bool(test))
+
+
+def diff(profile=None, sysctls=None, config=None, force=None, policy=None, congestion_fallback=None, test=True,  # noqa: ARG001
+         plan=None):  # pylint: disable=redefined-outer-name
     """
     Compute what applying the sysctl tuning would change, without writing
     anything: ``{"changes": {key: {old, new}, <config file>: {diff}},
@@ -274,15 +307,16 @@ def diff(profile=None, sysctls=None, config=None, force=None, policy=None, conge
         salt-call shadowsocks_tuning.diff
         salt-call shadowsocks_tuning.diff profile=bbr
     """
-    try:
-        settings, opts = _resolve(_sysctl_args(profile, sysctls, config, force, policy, congestion_fallback))
-    except SaltInvocationError as exc:
-        return {"changes": {}, "comment": [], "errors": [str(exc)], "profile": profile}
-    planned = engines.prepare(settings, opts, test=True)
-    return {key: planned["sysctls"][key] for key in ("changes", "comment", "profile")} | {"errors": planned["errors"]}
+    planned = _plan(_sysctl_args(profile, sysctls, config, force, policy, congestion_fallback, plan), True)
+    if planned.sysctl is None:
+        return {"changes": {}, "comment": [], "errors": planned.errors, "profile": profile}
+    half = planned.sysctl
+    return {"changes": half["changes"], "comment": half["comment"], "profile": half["profile"],
+            "errors": planned.errors}
 
 
-def apply(profile=None, sysctls=None, config=None, force=None, policy=None, congestion_fallback=None):
+def apply(profile=None, sysctls=None, config=None, force=None, policy=None, congestion_fallback=None,
+          plan=None):  # pylint: disable=redefined-outer-name
     """
     Apply the sysctl tuning: write every sysctl that differs in one pass, then
     persist the managed file atomically. All or nothing: if the kernel
@@ -297,18 +331,23 @@ def apply(profile=None, sysctls=None, config=None, force=None, policy=None, cong
         salt-call shadowsocks_tuning.apply
         salt-call shadowsocks_tuning.apply profile=bbr config=/etc/sysctl.d/60-shadowsocks.conf
     """
-    resolved, opts = _resolve(_sysctl_args(profile, sysctls, config, force, policy, congestion_fallback))
-    state_dir = opts["state_dir"]
-    with journal.lock(state_dir):
-        planned = engines.prepare(resolved, opts, test=False)
-        if planned["errors"]:
-            engines.fail(planned["errors"])
-        if planned["sysctls"]["changes"]:
+    arguments = _sysctl_args(profile, sysctls, config, force, policy, congestion_fallback, plan)
+    planned = _plan(arguments, test=False)
+    with sstuning_journal.lock(planned.options["state_dir"]):
+        # Under the lock: a dry-run plan loaded no module, a consumed one is
+        # spent, and one that another run's writes made stale is planned again.
+        if planned.test or not planned.fresh_for("sysctl") or planned.stale():
+            sstuning_plan.remake(planned, globals().get("__pillar__", {}))
+        if planned.errors:
+            sstuning_plan.fail(planned)
+        half = planned.sysctl
+        if half["changes"]:
             # Left by a run that died between write and rename; only a run that writes tidies up.
-            for path in (resolved["config"], journal.originals_path(state_dir),
-                         os.path.join(opts["modules_load_dir"], sysctl_engine.MODULES_LOAD_NAME)):
-                journal.remove_stray_temporaries(path)
-        result = sysctl_engine.apply(resolved, opts, planned["sysctls"], planned["originals"])
+            for path in sstuning_sysctl.managed_paths(planned.settings, planned.options) | {
+                    sstuning_journal.originals_path(planned.options["state_dir"])}:
+                sstuning_journal.remove_stray_temporaries(path)
+        result = sstuning_sysctl.apply(planned.settings, planned.options, half)
+        planned.written("sysctl")
     return {key: result[key] for key in ("changes", "comment", "errors", "profile")}
 
 
@@ -327,8 +366,8 @@ def verify(profile=None, sysctls=None, config=None, force=None):
         salt-call shadowsocks_tuning.verify
         salt '*' shadowsocks_tuning.verify
     """
-    resolved, opts = _resolve({"profile": profile, "sysctls": sysctls, "config": config, "force": force})
-    report = sysctl_engine.verify(resolved, opts)
+    resolved, options = _settings({"profile": profile, "sysctls": sysctls, "config": config, "force": force})
+    report = sstuning_sysctl.verify(resolved, options)
     if not report["ok"]:
         __context__["retcode"] = 1
     return report
@@ -350,11 +389,11 @@ def explain(profile=None):
         salt-call shadowsocks_tuning.explain
         salt-call shadowsocks_tuning.explain bbr
     """
-    resolved, opts = _resolve({"profile": profile})
-    return sysctl_engine.explain(resolved, opts)
+    resolved, options = _settings({"profile": profile})
+    return sstuning_sysctl.explain(resolved, options)
 
 
-def container(format="compose", profile=None, service="shadowsocks"):  # pylint: disable=redefined-builtin
+def container(format="compose", profile=None, service="shadowsocks", kind="shadowsocks_libev"):  # pylint: disable=redefined-builtin
     """
     Print the tuning for a container: the per-network-namespace sysctls of
     the profile and pillar ``shadowsocks:tuning`` (resolved as ``apply`` and
@@ -378,17 +417,23 @@ def container(format="compose", profile=None, service="shadowsocks"):  # pylint:
         salt-call shadowsocks_tuning.container format=docker profile=bbr
         salt-call --out=json shadowsocks_tuning.container format=kubernetes | jq -r .local.text
     """
-    engine = _ENGINES["sstuning_container"]
-    engine.validate_format(format)
-    engine.validate_service(service)
-    resolved, opts = _resolve({"profile": profile})
-    root = opts["proc_root"]
-    keys = set(resolved["sysctls"]) | {procfs.AVAILABLE_CC, procfs.ALLOWED_CC}
-    live = {key: procfs.read_or(root, key) for key in keys}
-    return engine.container(
+    with fresh():
+        import sstuning_container
+    sstuning_container.validate_format(format)
+    sstuning_container.validate_service(service)
+    resolved, options = _settings({"profile": profile})
+    if kind not in resolved["limits"]["kinds"]:
+        raise SaltInvocationError(f"kind: {kind!r} is not a kind of daemon managed here "
+                                  f"(known: {', '.join(resolved['limits']['kinds'])})")
+    root = options["proc_root"]
+    keys = set(resolved["sysctls"]) | {sstuning_procfs.AVAILABLE_CC, sstuning_procfs.ALLOWED_CC}
+    live = {key: sstuning_procfs.read_or(root, key) for key in keys}
+    return sstuning_container.container(
         resolved, format, live,
-        available=(live[procfs.AVAILABLE_CC] or "").split(), allowed=(live[procfs.ALLOWED_CC] or "").split(),
-        config_ports=_ENGINES["sstuning_ports"].config_ports(opts["ss_config_dir"]), service=service,
+        available=(live[sstuning_procfs.AVAILABLE_CC] or "").split(),
+        allowed=(live[sstuning_procfs.ALLOWED_CC] or "").split(),
+        config_ports=sstuning_sysctl.config_ports(options, resolved["limits"]["kinds"]), service=service,
+        kind=resolved["limits"]["kinds"][kind],
     )
 
 
@@ -409,10 +454,10 @@ def clean(test=False, force=False):
         salt-call shadowsocks_tuning.clean test=True
         salt-call shadowsocks_tuning.clean
     """
-    settings, opts = _resolve()
-    managed = sysctl_engine.managed_paths(settings, opts) | limits_engine.managed_paths(settings, opts)
-    with contextlib.nullcontext() if test else journal.lock(opts["state_dir"]):
-        return journal.restore(opts["state_dir"], opts["proc_root"], managed, bool(test), bool(force))
+    resolved, options = _settings()
+    managed = sstuning_sysctl.managed_paths(resolved, options) | sstuning_limits.managed_paths(resolved, options)
+    with contextlib.nullcontext() if test else sstuning_journal.lock(options["state_dir"]):
+        return sstuning_journal.restore(options["state_dir"], options["proc_root"], managed, bool(test), bool(force))
 
 
 # --------------------------------------------------------------------------
@@ -453,7 +498,8 @@ def diagnose(headroom=20, critical=5, names=None, previous=None, save=True):
         salt-call shadowsocks_tuning.diagnose
         salt '*' shadowsocks_tuning.diagnose headroom=30
     """
-    engine = _ENGINES["sstuning_diagnose"]
+    with fresh():
+        import sstuning_diagnose
     limits = []
     for value, where, low in ((headroom, "headroom", 0), (critical, "critical", 0)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < 100:
@@ -465,13 +511,37 @@ def diagnose(headroom=20, critical=5, names=None, previous=None, save=True):
         raise SaltInvocationError("previous: must be the `sample` an earlier diagnose save=False returned")
     notes = []
     try:
-        resolved, opts = _resolve()
-        config, wanted = resolved["config"], resolved["nofile"]
+        resolved, options = _settings()
+        config, wanted, kinds = resolved["config"], resolved["nofile"], resolved["limits"]["kinds"]
     except SaltInvocationError as exc:
-        opts, config, wanted = _options(), settings_mod.DEFAULTS["config"], None
-        notes.append(f"pillar {settings_mod.PILLAR} is not valid, so drift is checked against {config}: {exc}")
-    result = engine.report(opts["proc_root"], opts["state_dir"], config, limits_engine.process_names(names),
-                           limits[0], limits[1], wanted, previous, bool(save), notes)
+        options, config, wanted = _options(), sstuning_settings.DEFAULTS["config"], None
+        kinds = sstuning_settings.resolve({})["limits"]["kinds"]
+        notes.append(f"pillar {sstuning_settings.PILLAR} is not valid, so drift is checked against {config}: {exc}")
+    result = sstuning_diagnose.report(options["proc_root"], options["state_dir"], config,
+                                      sstuning_limits.process_names(names, kinds), limits[0], limits[1], wanted,
+                                      previous, bool(save), notes, parents=sstuning_limits.parent_names(kinds))
     if result["severity"] == "critical":
         __context__["retcode"] = 1
     return result
+
+
+def daemons():
+    """
+    The kinds of daemon whose open-file limit this package manages, after
+    pillar ``shadowsocks:tuning:limits``: per kind its programs, plugins,
+    service, units, defaults file, configs, whether it raises its own soft
+    limit, and the processes of it running now.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call shadowsocks_tuning.daemons
+    """
+    resolved, _ = _settings()
+    kinds = resolved["limits"]["kinds"]
+    table = sstuning_procfs.process_table()
+    running = sstuning_limits.processes(table, kinds)
+    return {name: dict(kind, running=[f"{p['name']}[{p['pid']}] {p['soft']}:{p['hard']}" for p in running.values()
+                                      if p["kind"] == name])
+            for name, kind in kinds.items()}

@@ -1,11 +1,13 @@
 """
-Open-file limits of the shadowsocks daemons: the files that set them
-(``/etc/default/supervisor``, ``supervisord.conf``, init scripts, systemd
-drop-ins), the stop and start that makes a daemon take them, and the
-``/proc/<pid>/limits`` of what runs. Functions of the ``shadowsocks_tuning``
-execution module, like those of ``_modules/shadowsocks_tuning.py`` (kernel
-sysctls): Salt's loader files both under one name. Options and pillar are
-read once per call through ``sstuning_engines``; a problem anywhere in pillar
+Open-file limits of the daemons shadowsocks runs as (the kinds of daemon of
+``sstuning_daemons``): the files that set them for the next start
+(``/etc/default/supervisor``, ``supervisord.conf``, ``MAXFD=``, init
+scripts, systemd drop-ins), raising running daemons in place, the stop and
+start where that cannot reach the limit, and the ``/proc/<pid>/limits`` of
+what runs. Functions of the ``shadowsocks_tuning`` execution module, like
+those of ``_modules/shadowsocks_tuning.py`` (kernel sysctls): Salt's loader
+files both under one name. Options and pillar are read once per call into
+one plan (``sstuning_plan``); a problem anywhere in pillar
 ``shadowsocks:tuning`` fails every function that acts, before anything is
 written.
 """
@@ -18,40 +20,48 @@ from salt.exceptions import CommandExecutionError, SaltInvocationError
 
 __virtualname__ = "shadowsocks_tuning"
 
-
-# The engines, found as shadowsocks_tuning.py finds them (synced utils on
-# sys.path while Salt imports this file; else the pip package's copy).
+# The engines, imported as shadowsocks_tuning.py imports them (see there).
 try:
-    import sstuning_engines as engines
-except ImportError:
-    try:
-        from saltext_shadowsocks_tuning._utils import sstuning_engines as engines
-    except ImportError:
-        engines = None
-_ENGINES = engines.load() if engines else None
+    from sstuning_imports import fresh
 
-
-if _ENGINES:
-    settings_mod = _ENGINES["sstuning_settings"]
-    procfs = _ENGINES["sstuning_procfs"]
-    journal = _ENGINES["sstuning_journal"]
-    limits_engine = _ENGINES["sstuning_limits"]
+    with fresh():
+        import sstuning_journal
+        import sstuning_limits
+        import sstuning_lines
+        import sstuning_plan
+        import sstuning_procfs
+        import sstuning_services
+        import sstuning_settings
+        import sstuning_units
+    _MISSING = None
+except ImportError as exc:
+    _MISSING = str(exc)
 
 
 def __virtual__():
-    if _ENGINES and sys.platform.startswith("linux"):
+    if not _MISSING and sys.platform.startswith("linux"):
         return __virtualname__
     return (False, "shadowsocks_tuning (open-file limits): needs Linux (/proc) and the engines "
-                   "(_utils/sstuning_*.py); run saltutil.sync_all (file_roots) or reinstall the package (pip)")
+                   f"(_utils/sstuning_*.py: {_MISSING}); run saltutil.sync_all (file_roots) or reinstall the package (pip)")
 
 
 def _options():
-    return settings_mod.options(__opts__.get)
+    return sstuning_plan.options(__opts__.get)
 
 
-def _resolve(arguments=None):
+def _plan(arguments=None, test=True, plan=None):
+    """The plan a state passed in, or a new one of pillar and ``arguments``."""
+    if plan is not None:
+        if not isinstance(plan, sstuning_plan.Plan):
+            raise SaltInvocationError("plan: leave it out: a plan is made by this package's own states")
+        return plan
+    return sstuning_plan.make(_options(), globals().get("__pillar__", {}), arguments, test)
+
+
+def _settings(arguments=None):
     """(settings, options): pillar shadowsocks:tuning and ``arguments``, validated whole."""
-    return engines.resolve(__opts__.get, globals().get("__pillar__", {}), arguments)
+    options = _options()
+    return sstuning_plan.resolve(options, globals().get("__pillar__", {}), arguments), options
 
 
 def validate_nofile(nofile):
@@ -66,20 +76,20 @@ def validate_nofile(nofile):
 
         salt-call shadowsocks_tuning.validate_nofile 51200
     """
-    return settings_mod.validate_nofile(nofile, procfs.nr_open(_options()["proc_root"]))
+    return sstuning_settings.validate_nofile(nofile, sstuning_procfs.nr_open(_options()["proc_root"]))
 
 
-def nofile_check(nofile=None, limits=None):
+def nofile_check(nofile=None, limits=None, plan=None):  # pylint: disable=redefined-outer-name
     """
     Validate the whole tuning before anything is written: every pillar key of
-    both halves, N (a positive integer, at most ``fs.nr_open``), every path,
-    service and unit name, the content of every file to edit (an init script
-    that is not a shell script, a ``ulimit`` line too complex to rewrite, a
-    supervisord config without ``[supervisord]``), missing init scripts, and
-    whether this process can grant N at all to the services it restarts.
-    Returns ``{"ok", "nofile", "init_system", "grantable", "manage",
-    "skipped", "errors", "notes", "verify"}`` (``verify``: the pidfiles and
-    wait of pillar ``limits:verify``); writes nothing.
+    both halves, N (a positive integer, at most ``fs.nr_open``, at most what
+    this box can grant), every path, service and unit name, the content of
+    every file to edit (a shell file that does not parse or sets the limit in
+    a form that cannot be edited safely, a supervisord config without
+    ``[supervisord]``), missing init scripts, and what would happen to every
+    running daemon. Returns ``{"ok", "nofile", "init_system", "grantable",
+    "manage", "skipped", "processes", "errors", "notes", "verify"}``;
+    writes nothing.
 
     CLI Example:
 
@@ -88,36 +98,42 @@ def nofile_check(nofile=None, limits=None):
         salt-call shadowsocks_tuning.nofile_check
         salt-call shadowsocks_tuning.nofile_check 16384 '{init_scripts: [/etc/init.d/shadowsocks]}'
     """
-    try:
-        resolved, opts = _resolve({"nofile": nofile, "limits": limits})
-    except SaltInvocationError as exc:
+    planned = _plan({"nofile": nofile, "limits": limits}, True, plan)
+    if planned.settings is None:
         return {"ok": False, "nofile": None, "init_system": None, "grantable": None, "manage": [], "skipped": [],
-                "errors": [str(exc)], "notes": [], "verify": None}
-    prepared = engines.prepare(resolved, opts, test=True)
-    planned, errors = prepared["limits"], prepared["errors"]
-    notes = ["not installed, left alone: " + ", ".join(planned["skipped"])] if planned["skipped"] else []
+                "processes": [], "errors": planned.errors, "notes": [], "verify": None}
+    half = planned.limits
+    notes = list(planned.settings["notes"])
+    if half["skipped"]:
+        notes.append("not installed, left alone: " + ", ".join(half["skipped"]))
     return {
-        "ok": not errors,
-        "nofile": resolved["nofile"],
-        "init_system": resolved["init_system"],
-        "grantable": limits_engine.grantable(opts["proc_root"])["limit"],
-        "manage": planned["manage"],
-        "skipped": planned["skipped"],
-        "errors": errors,
+        "ok": not planned.errors,
+        "nofile": planned.settings["nofile"],
+        "init_system": planned.settings["limits"]["init_system"],
+        "grantable": half["grantable"]["limit"],
+        "manage": half["manage"],
+        "skipped": half["skipped"],
+        "processes": [{k: p[k] for k in ("pid", "name", "kind", "soft", "hard", "action", "why")}
+                      for p in half["processes"].values()],
+        "errors": planned.errors,
         "notes": notes,
-        "verify": resolved["verify"],
+        "verify": planned.settings["limits"]["verify"],
     }
 
 
-def nofile_apply(part=None, test=False):
+def nofile_apply(part=None, test=False, plan=None):  # pylint: disable=redefined-outer-name
     """
-    Put the open-file limit (pillar ``shadowsocks:tuning:nofile``) in every
-    file of one part of pillar ``shadowsocks:tuning:limits`` (``supervisor``,
-    ``shadowsocks_libev``, ``init_scripts``, ``units``; all when omitted),
-    then stop and start each service whose file changed. Nothing is written
-    when any part of the pillar is invalid or a named file is missing.
-    Returns ``{"files": [...], "restarts": [...], "errors": [...]}``:
-    ``errors`` names each service that did not come back.
+    Put the open-file limit (pillar ``shadowsocks:tuning:nofile``) where each
+    kind of daemon reads it, for one part of pillar
+    ``shadowsocks:tuning:limits`` (a kind of daemon such as ``supervisor``
+    or ``shadowsocks_libev``, or ``init_scripts``, ``units``; all when
+    omitted): running daemons are raised in place first (``restart: live``,
+    the default; no connection is cut), then the files for the next start
+    are written, then the services that could not be raised in place are
+    stopped and started. A service an earlier run stopped and did not start
+    again is started first. Nothing is written when any part of the pillar
+    is invalid or a named file is missing. Returns ``{"nofile", "files",
+    "raised", "restarts", "processes", "errors", "notes"}``.
 
     CLI Example:
 
@@ -126,40 +142,136 @@ def nofile_apply(part=None, test=False):
         salt-call shadowsocks_tuning.nofile_apply supervisor test=True
         salt-call shadowsocks_tuning.nofile_apply
     """
-    parts = settings_mod.LIMITS_PARTS if part is None else [
-        settings_mod.validate_choice(part, settings_mod.LIMITS_PARTS, "part")]
-    resolved, opts = _resolve()
-    # A dry run takes no lock: it must not even create state_dir.
-    with contextlib.nullcontext() if test else journal.lock(opts["state_dir"]):
-        # The kernel half is planned as a dry run here: this call loads no module.
-        prepared = engines.prepare(resolved, opts, test=True)
-        if prepared["errors"]:
-            engines.fail(prepared["errors"])
-        planned = prepared["limits"]
-        files, restarts, failed = [], [], []
-        for name in parts:
+    planned = _plan(None, bool(test), plan)
+    test = bool(test)
+    with contextlib.nullcontext() if test else sstuning_journal.lock(planned.options["state_dir"]):
+        # A dry run takes no lock: it must not even create state_dir. Under
+        # the lock a plan that a write of this run spent, or that another
+        # run's writes made stale, is made again.
+        if not test and (planned.test or planned.stale()
+                         or not all(planned.fresh_for(f"limits:{n}") for n in _parts(planned, part))):
+            sstuning_plan.remake(planned, globals().get("__pillar__", {}))
+        if planned.errors:
+            sstuning_plan.fail(planned)
+        settings, options, half = planned.settings, planned.options, planned.limits
+        names = _parts(planned, part)
+        limits = settings["limits"]
+        out = {"nofile": settings["nofile"], "files": [], "raised": [], "restarts": [], "processes": [],
+               "errors": [], "notes": list(settings["notes"]) + half["notes"]}
+        if planned.pending and (part is None or part == names[0]):
+            out["restarts"].extend(sstuning_services.finish(options, planned.pending, limits["timeout"],
+                                                            limits["grace"], test))
+        if not test:
+            sstuning_plan.remember_limits(planned, part)
+        for name in names:
             try:
-                done = limits_engine.apply_part(resolved, opts, planned["parts"][name], bool(test))
+                done = sstuning_limits.apply(settings, options, half, name, test)
             except CommandExecutionError as exc:  # a file could not be written
-                written = [item["path"] for item in limits_engine.written(planned["parts"][name])]
-                raise CommandExecutionError(f"{exc} (written before that: {', '.join(written) or 'nothing'})")
-            files.extend(done[0])
-            restarts.extend(done[1])
-            failed.extend(done[2])
-    for item in files:
+                wrote = [item["path"] for item in sstuning_limits.written(half["parts"][name])]
+                raise CommandExecutionError(
+                    f"{exc} (written before that: {', '.join(wrote) or 'nothing'}; their originals are on "
+                    "record: state.apply shadowsocks.tuning.clean puts them back)")
+            except BaseException:
+                planned.written(f"limits:{name}")
+                raise
+            if not test and (any(item.get("written") for item in done["files"])
+                             or any(r["changed"] for r in done["raised"] + done["restarts"])):
+                planned.written(f"limits:{name}")  # what it read of that part is stale now
+            for key in ("files", "raised", "restarts", "errors"):
+                out[key].extend(done[key])
+        out["processes"] = [_process_line(p) for p in half["processes"].values()
+                            if (p["member"] and p["member"][0] in names) or (not p["member"] and p["kind"] in names)]
+    for item in out["files"]:
         item.pop("text", None)
-    return {"nofile": resolved["nofile"], "files": files, "restarts": restarts, "errors": failed}
+    return out
+
+
+def _parts(planned, part):
+    known = list(planned.settings["limits"]["parts"]) if planned.settings else []
+    if part is None:
+        return known
+    if part not in known:
+        raise SaltInvocationError(f"part: {part!r} must be one of {', '.join(known)} (or left out for all)")
+    return [part]
+
+
+def _process_line(proc):
+    label = f"{proc['name']} (pid {proc['pid']}) {proc['soft']}:{proc['hard']}"
+    if proc["action"] == "in place":
+        return {"pid": proc["pid"], "action": "in place", "comment": f"{label}: at the limit already"}
+    if proc["action"] == "left":
+        why = proc["why"] or "its limit changes with its next start (restart policy)"
+        return {"pid": proc["pid"], "action": "left", "comment": f"{label}: left: {why}"}
+    if proc["action"] == "restart":
+        return {"pid": proc["pid"], "action": "restart", "comment": f"{label}: {proc['why']}: its service restarts"}
+    return {"pid": proc["pid"], "action": proc["action"], "comment": f"{label}: raised in place"}
+
+
+def raise_live(nofile=None, pidfiles=None, names=None, test=False):
+    """
+    Raise the open-file limit of running daemons in place, now, without a
+    restart and without cutting a connection (``prlimit(2)``): soft and hard
+    to at least ``nofile`` (pillar ``shadowsocks:tuning:nofile`` when
+    omitted), never lowering a field, read back from ``/proc/PID/limits``.
+    Without CAP_SYS_RESOURCE only soft limits can rise, up to the hard
+    limit, and only of processes of salt's own user; those that cannot be
+    raised are named with the reason. ``pidfiles`` limits it to those
+    daemons' process trees (default: every process of the managed kinds);
+    ``names`` to those process names. Files are not touched: the next start
+    still needs ``state.apply shadowsocks.tuning``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call shadowsocks_tuning.raise_live test=True
+        salt-call shadowsocks_tuning.raise_live 16384 pidfiles='[/var/run/supervisord.pid]'
+    """
+    resolved, options = _settings({"nofile": nofile})
+    pidfiles = _pidfiles(pidfiles)
+    kinds = resolved["limits"]["kinds"]
+    table = sstuning_procfs.process_table()
+    found = sstuning_limits.processes(table, kinds)
+    if names is not None:
+        wanted = sstuning_limits.process_names(names, kinds)
+        found = {pid: p for pid, p in found.items() if p["name"] in wanted}
+    if pidfiles:
+        scope = sstuning_procfs.subtree(table, [p for p in map(sstuning_procfs.pid_from, pidfiles) if p])
+        found = {pid: p for pid, p in found.items() if pid in scope}
+    cap = sstuning_procfs.has_cap_sys_resource("self")
+    for pid, proc in found.items():
+        proc.update(sstuning_limits.decide_process(proc, resolved["nofile"], cap,
+                                                   sstuning_procfs.may_set_limits(pid, cap), "live", ("by hand", 0)))
+    raised = sstuning_limits.raise_live(list(found.values()), bool(test))
+    refused = [f"{p['name']} (pid {p['pid']}) {p['soft']}:{p['hard']}: {p['why']}" for p in found.values()
+               if p["action"] == "restart"]
+    return {"nofile": resolved["nofile"], "raised": raised, "refused": refused,
+            "ok": not refused and all(r["ok"] for r in raised),
+            "in_place": [f"{p['name']} (pid {p['pid']})" for p in found.values() if p["action"] == "in place"]}
+
+
+def _pidfiles(pidfiles):
+    if isinstance(pidfiles, str):
+        pidfiles = [pidfiles]
+    if pidfiles is not None and not isinstance(pidfiles, list):
+        raise SaltInvocationError(f"pidfiles: {pidfiles!r} must be a list of pidfile paths")
+    return [sstuning_settings.validate_path(p, "pidfiles") for p in (pidfiles or [])]
 
 
 def _one_file(target, nofile, test, force):
     """Plan one file and, unless ``test``, write it under the lock."""
-    opts = _options()
+    options = _options()
+    nr_open = sstuning_procfs.nr_open(options["proc_root"])
     if target["kind"] != "assignment":  # a KEY=value line takes any plain value
-        nofile = settings_mod.validate_nofile(nofile, procfs.nr_open(opts["proc_root"]))
-    planned = limits_engine.plan_file(opts, target, nofile, bool(force))
+        nofile = sstuning_settings.validate_nofile(nofile, nr_open)
+    ceiling = nr_open if target["kind"] == "assignment" and not str(nofile).isdigit() else \
+        sstuning_limits.grantable(options["proc_root"])["limit"]
+    planned = sstuning_limits.plan_file(options, target, nofile, bool(force), ceiling)
     if planned["changed"] and not test:
-        with journal.lock(opts["state_dir"]):
-            limits_engine.write_file(opts, planned)
+        with sstuning_journal.lock(options["state_dir"]):
+            sstuning_journal.remember(options["state_dir"], sstuning_journal.load_originals(options["state_dir"]),
+                                      files=[planned["path"]], written={planned["path"]: planned["text"]})
+            sstuning_limits.write_file(options, planned)
     planned.pop("text", None)
     return planned
 
@@ -182,9 +294,9 @@ def set_ulimit(path, nofile, placement="end", test=False, if_missing="fail", for
         salt-call shadowsocks_tuning.set_ulimit /etc/default/supervisor 51200 test=True
         salt-call shadowsocks_tuning.set_ulimit /etc/init.d/shadowsocks 51200 placement=init
     """
-    target = {"kind": "ulimit", "path": settings_mod.validate_path(path, "path"),
-              "placement": settings_mod.validate_choice(placement, ("end", "init"), "placement"),
-              "required": settings_mod.validate_choice(if_missing, ("fail", "skip"), "if_missing") == "fail"}
+    target = {"kind": "ulimit", "path": sstuning_settings.validate_path(path, "path"),
+              "placement": sstuning_settings.validate_choice(placement, ("end", "init"), "placement"),
+              "required": sstuning_settings.validate_choice(if_missing, ("fail", "skip"), "if_missing") == "fail"}
     return _one_file(target, nofile, test, force)
 
 
@@ -202,15 +314,14 @@ def set_assignment(path, key, value, test=False, if_missing="fail", force=False)
 
         salt-call shadowsocks_tuning.set_assignment /etc/default/shadowsocks-libev MAXFD 51200
     """
-    lines = _ENGINES["sstuning_lines"]
-    if not isinstance(key, str) or not lines.ENV_KEY.match(key):
+    if not isinstance(key, str) or not sstuning_lines.ENV_KEY.match(key):
         raise SaltInvocationError(f"key: {key!r} is not a shell variable name such as MAXFD")
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not lines.ENV_VALUE.match(str(value)):
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not sstuning_lines.ENV_VALUE.match(str(value)):
         raise SaltInvocationError(
             f"{key}: {value!r} is not a plain value (letters, digits and ./:@%+,=- only; nothing a shell would expand)"
         )
-    target = {"kind": "assignment", "path": settings_mod.validate_path(path, "path"), "key": key,
-              "required": settings_mod.validate_choice(if_missing, ("fail", "skip"), "if_missing") == "fail"}
+    target = {"kind": "assignment", "path": sstuning_settings.validate_path(path, "path"), "key": key,
+              "required": sstuning_settings.validate_choice(if_missing, ("fail", "skip"), "if_missing") == "fail"}
     return _one_file(target, str(value), test, force)
 
 
@@ -226,8 +337,8 @@ def set_minfds(path, nofile, test=False, if_missing="fail", force=False):
 
         salt-call shadowsocks_tuning.set_minfds /etc/supervisor/supervisord.conf 51200 test=True
     """
-    target = {"kind": "minfds", "path": settings_mod.validate_path(path, "path"),
-              "required": settings_mod.validate_choice(if_missing, ("fail", "skip"), "if_missing") == "fail"}
+    target = {"kind": "minfds", "path": sstuning_settings.validate_path(path, "path"),
+              "required": sstuning_settings.validate_choice(if_missing, ("fail", "skip"), "if_missing") == "fail"}
     return _one_file(target, nofile, test, force)
 
 
@@ -242,7 +353,7 @@ def dropin_path(unit):
 
         salt-call shadowsocks_tuning.dropin_path shadowsocks-libev-server@.service
     """
-    return limits_engine.dropin_path(_options(), settings_mod.validate_unit(unit, "unit"))
+    return sstuning_units.dropin_path(_options()["systemd_dir"], sstuning_settings.validate_unit(unit, "unit"))
 
 
 def set_systemd_nofile(unit, nofile, test=False, if_missing="fail"):
@@ -259,13 +370,13 @@ def set_systemd_nofile(unit, nofile, test=False, if_missing="fail"):
 
         salt-call shadowsocks_tuning.set_systemd_nofile supervisor.service 51200 test=True
     """
-    unit = settings_mod.validate_unit(unit, "unit")
-    if_missing = settings_mod.validate_choice(if_missing, ("fail", "skip"), "if_missing")
-    opts = _options()
-    if if_missing == "fail" and limits_engine.unit_file(opts, unit) is None:
+    unit = sstuning_settings.validate_unit(unit, "unit")
+    if_missing = sstuning_settings.validate_choice(if_missing, ("fail", "skip"), "if_missing")
+    options = _options()
+    if if_missing == "fail" and sstuning_units.unit_file(options["unit_dirs"], unit) is None:
         raise CommandExecutionError(
-            f"{unit}: no unit file in {', '.join(opts['unit_dirs'])}; install it, or remove it from pillar "
-            f"{settings_mod.LIMITS}"
+            f"{unit}: no unit file in {', '.join(options['unit_dirs'])}; install it, or remove it from pillar "
+            f"{sstuning_settings.LIMITS}"
         )
     return _one_file({"kind": "dropin", "path": None, "unit": unit}, nofile, test, False)
 
@@ -283,17 +394,19 @@ def init_system(prefer="auto"):
 
         salt-call shadowsocks_tuning.init_system
     """
-    settings_mod.validate_choice(prefer, settings_mod.INIT_SYSTEMS, "prefer")
+    sstuning_settings.validate_choice(prefer, sstuning_settings.INIT_SYSTEMS, "prefer")
     if prefer != "auto":
         return prefer
     return "systemd" if os.path.isdir(_options()["systemd_marker"]) else "sysvinit"
 
 
-def nofile_grantable():
+def nofile_grantable(init_system=None):  # pylint: disable=redefined-outer-name
     """
-    The highest open-file limit a service started from this process can get:
-    ``fs.nr_open`` with CAP_SYS_RESOURCE, else this process's own hard limit
-    (``ulimit -n N`` above it fails with "Operation not permitted").
+    The highest open-file limit a service started here can get: under
+    sysvinit salt starts it, under systemd PID 1 does; either grants up to
+    ``fs.nr_open`` with CAP_SYS_RESOURCE, else up to its own hard limit
+    (``ulimit -n N`` above it fails with "Operation not permitted"; systemd
+    clamps a larger ``LimitNOFILE`` silently).
 
     CLI Example:
 
@@ -301,21 +414,24 @@ def nofile_grantable():
 
         salt-call shadowsocks_tuning.nofile_grantable
     """
-    return limits_engine.grantable(_options()["proc_root"])
+    system = init_system or globals()["init_system"]()
+    sstuning_settings.validate_choice(system, ("sysvinit", "systemd"), "init_system")
+    return sstuning_limits.grantable(_options()["proc_root"], system)
 
 
-def nofile(wanted=None, names=None, pidfiles=None, wait=0):
+def nofile(nofile=None, names=None, pidfiles=None, wait=0, wanted=None, plan=None):  # pylint: disable=redefined-outer-name
     """
-    Report the open-file limits of supervisord and every shadowsocks process
-    (``ss-server``, ``ss-local``, ``ss-manager``, ``ss-redir``, ``ssserver``,
-    ``sslocal``, ...): soft and hard from ``/proc/<pid>/limits`` against the
-    wanted N (pillar ``shadowsocks:tuning:nofile``, else 51200), and for a
-    process below N the reason when it can be told (a parent's hard limit
-    without CAP_SYS_RESOURCE, ``fs.nr_open``, or a process started before the
-    limit was configured). Plugins (``obfs-server``, ``v2ray-plugin``, or any
-    child of a shadowsocks process) and the servers ``ss-manager`` starts are
-    checked too. ``pidfiles`` limits the report to the process trees of those
-    daemons (the servers an ``ss-manager`` started belong to its tree);
+    Report the open-file limits of every process of the managed kinds of
+    daemon (supervisord, ``ss-server``, ``ss-local``, ``ss-manager``,
+    ``ssserver``, ``outline-ss-server``, ``xray``, ``v2ray``, ``sing-box``,
+    ...): soft and hard from ``/proc/<pid>/limits`` against ``nofile``
+    (pillar ``shadowsocks:tuning:nofile`` when omitted; ``wanted`` is the
+    name earlier releases used), and for a process below it the reason when
+    it can be told (a parent's hard limit without CAP_SYS_RESOURCE,
+    ``fs.nr_open``, or a process started before the limit was configured).
+    Plugins (``obfs-server``, ``v2ray-plugin``, or any child of a shadowsocks
+    server) and the servers ``ss-manager`` starts are checked too.
+    ``pidfiles`` limits the report to the process trees of those daemons;
     ``wait`` seconds gives restarted daemons time to come up.
 
     CLI Example:
@@ -325,18 +441,24 @@ def nofile(wanted=None, names=None, pidfiles=None, wait=0):
         salt-call shadowsocks_tuning.nofile
         salt-call shadowsocks_tuning.nofile 16384 pidfiles='[/var/run/supervisord.pid]'
     """
-    resolved, opts = _resolve({"nofile": wanted})
-    if isinstance(pidfiles, str):
-        pidfiles = [pidfiles]
-    if pidfiles is not None and not isinstance(pidfiles, list):
-        raise SaltInvocationError(f"pidfiles: {pidfiles!r} must be a list of pidfile paths")
-    pidfiles = [settings_mod.validate_path(p, "pidfiles") for p in (pidfiles or [])]
-    wait = settings_mod.validate_seconds(wait, "wait", 0, 600)
-    return limits_engine.watch(opts["proc_root"], resolved["nofile"], limits_engine.process_names(names),
-                               pidfiles, wait)
+    nofile = nofile if nofile is not None else wanted
+    table = None
+    if plan is not None and _plan(plan=plan).settings:
+        resolved, options = plan.settings, plan.options
+        # Nothing of this run raised, wrote or restarted: the plan's look at
+        # the processes is still what /proc shows.
+        table = plan.limits["table"] if plan.fresh_for("processes") and not plan.pending else None
+    else:
+        resolved, options = _settings({"nofile": nofile})
+    kinds = resolved["limits"]["kinds"]
+    wait = sstuning_settings.validate_seconds(wait, "wait", 0, 600)
+    return sstuning_limits.verify(options["proc_root"], resolved["nofile"],
+                                  sstuning_limits.process_names(names, kinds), _pidfiles(pidfiles), wait,
+                                  sstuning_limits.parent_names(kinds), table)
 
 
-def stop_start(name, pidfile=None, when=None, init=None, timeout=None, grace=None, test=False):
+def stop_start(name, pidfile=None, when=None, init_system=None, timeout=None, grace=None, test=False,  # pylint: disable=redefined-outer-name
+               init=None):
     """
     Stop a service, wait until it is really gone, then start it, so that it
     comes back with the open-file limit now configured. Never the init
@@ -352,18 +474,19 @@ def stop_start(name, pidfile=None, when=None, init=None, timeout=None, grace=Non
     when
         ``running`` (default: only a running service), ``always`` (start it
         even if it was stopped), ``never``.
-    init
-        ``auto``, ``systemd`` or ``sysvinit`` (see ``init_system``).
+    init_system
+        ``auto``, ``systemd`` or ``sysvinit`` (see ``init_system``; ``init``
+        is the name earlier releases used).
     timeout
         Seconds for the stop and for the start.
     grace
         Seconds the daemon must stay up after it started: one that dies at
         once (a crash loop) fails, named. ``0`` skips the check.
 
-    Left out, ``when``, ``init``, ``timeout`` and ``grace`` come from pillar
-    ``shadowsocks:tuning:limits`` (``restart``, ``init_system``, ``timeout``, ``grace``).
-    The comment says how many live TCP connections the stop cuts (counted
-    from the sockets of the daemon and its children).
+    Left out, ``when``, ``init_system``, ``timeout`` and ``grace`` come from
+    pillar ``shadowsocks:tuning:limits`` (``restart``, ``init_system``,
+    ``timeout``, ``grace``). The comment says how many live TCP connections
+    the stop cuts (counted from the sockets of the daemon and its children).
 
     CLI Example:
 
@@ -371,12 +494,17 @@ def stop_start(name, pidfile=None, when=None, init=None, timeout=None, grace=Non
 
         salt-call shadowsocks_tuning.stop_start supervisor pidfile=/var/run/supervisord.pid test=True
     """
-    resolved, opts = _resolve()
-    when = settings_mod.validate_choice(when or resolved["restart"], settings_mod.RESTART_WHEN, "when")
-    timeout = settings_mod.validate_seconds(timeout or resolved["timeout"], "timeout")
-    grace = settings_mod.validate_grace(resolved["grace"] if grace is None else grace, "grace")
+    resolved, options = _settings()
+    limits = resolved["limits"]
+    default = limits["restart"] if limits["restart"] != "live" else "running"
+    when = sstuning_settings.validate_choice(when or default, ("running", "always", "never"), "when")
+    timeout = sstuning_settings.validate_seconds(timeout or limits["timeout"], "timeout")
+    grace = sstuning_settings.validate_grace(limits["grace"] if grace is None else grace, "grace")
     if pidfile is not None:
-        pidfile = settings_mod.validate_path(pidfile, "pidfile")
-    system = init_system(init) if init else resolved["init_system"]
-    name = settings_mod.validate_unit(name, "name") if system == "systemd" else settings_mod.validate_service(name, "name")
-    return limits_engine.restart(opts, name, pidfile, when, system, timeout, grace, bool(test))
+        pidfile = sstuning_settings.validate_path(pidfile, "pidfile")
+    chosen = init_system or init
+    system = globals()["init_system"](chosen) if chosen else limits["init_system"]
+    name = sstuning_settings.validate_unit(name, "name") if system == "systemd" else \
+        sstuning_settings.validate_service(name, "name")
+    with contextlib.nullcontext() if test else sstuning_journal.lock(options["state_dir"]):
+        return sstuning_limits.restart(options, name, pidfile, when, system, timeout, grace, bool(test))

@@ -20,6 +20,11 @@ from salt.exceptions import CommandExecutionError, SaltInvocationError
 
 __virtualname__ = "shadowsocks_tuning"
 
+# The plans of this run, by their arguments: the first state makes one, the
+# others reuse it. A state run's __context__ is its own (Salt copies the
+# module context for each run), so no later run sees these.
+PLANS = "shadowsocks_tuning.plans"
+
 
 def __virtual__():
     # Both files of the execution module (kernel half, open-file half): asking
@@ -27,6 +32,17 @@ def __virtual__():
     if "shadowsocks_tuning.apply" in __salt__ and "shadowsocks_tuning.nofile_apply" in __salt__:
         return __virtualname__
     return (False, "shadowsocks_tuning state: the shadowsocks_tuning execution module is not loaded (Linux only)")
+
+
+def _plan(**arguments):
+    """This run's plan for ``arguments`` (the planning ones: profile,
+    sysctls, config, force, policy, congestion_fallback, nofile, limits)."""
+    arguments = {k: v for k, v in arguments.items() if v is not None}
+    key = (repr(sorted(arguments.items())), bool(__opts__["test"]))
+    plans = __context__.setdefault(PLANS, {})
+    if key not in plans:
+        plans[key] = __salt__["shadowsocks_tuning.plan"](test=__opts__["test"], **arguments)
+    return plans[key]
 
 
 def tuned(name, profile=None, sysctls=None, config=None, force=None, policy=None, congestion_fallback=None):
@@ -61,13 +77,14 @@ def tuned(name, profile=None, sysctls=None, config=None, force=None, policy=None
         "policy": policy, "congestion_fallback": congestion_fallback,
     }
     try:
+        plan = _plan(**args)
         if __opts__["test"]:
-            outcome = __salt__["shadowsocks_tuning.diff"](**args)
+            outcome = __salt__["shadowsocks_tuning.diff"](plan=plan)
             if outcome["errors"]:
                 ret["comment"] = "\n".join(outcome["errors"] + ["Nothing was changed"] + outcome["comment"])
                 return ret
         else:
-            outcome = __salt__["shadowsocks_tuning.apply"](**args)
+            outcome = __salt__["shadowsocks_tuning.apply"](plan=plan)
     except (CommandExecutionError, SaltInvocationError) as exc:
         ret["comment"] = str(exc)
         return ret
@@ -152,45 +169,54 @@ def _file_state(name, function, **kwargs):
     return _outcome_state(name, function, "what", **kwargs)
 
 
-def limits_applied(name, part):
+def limits_applied(name, part=None):
     """
-    Put the open-file limit (pillar ``shadowsocks:tuning:nofile``) in every
-    file of one part of pillar ``shadowsocks:tuning:limits``, then stop and
-    start each service whose file changed (never Debian's ``restart``, which
-    only stops supervisor). Fails, changing nothing, when any part of the
-    pillar is invalid, a named init script is missing, or this box cannot
-    grant the limit.
+    Put the open-file limit (pillar ``shadowsocks:tuning:nofile``) where each
+    kind of daemon reads it, for every part of pillar
+    ``shadowsocks:tuning:limits`` or one: running daemons are raised in place
+    first (``restart: live``, the default: no connection is cut), the files
+    for the next start are written, and only what could not be raised in
+    place is stopped and started (never Debian's ``restart``, which only
+    stops supervisor). Fails, changing nothing, when any part of the pillar
+    is invalid, a named init script is missing, or this box cannot grant
+    the limit.
 
     part
-        ``supervisor`` (``ulimit -n`` in /etc/default/supervisor, ``minfds``
-        in supervisord.conf, a drop-in under systemd), ``shadowsocks_libev``
-        (``MAXFD`` in /etc/default/shadowsocks-libev, unit drop-ins),
-        ``init_scripts`` or ``units``.
+        One kind of daemon (``supervisor``, ``shadowsocks_libev``,
+        ``shadowsocks_rust``, ``outline``, ``xray``, ``v2ray``, ``sing_box``,
+        or one of pillar's own), ``init_scripts`` or ``units``; every part
+        when left out.
 
     CLI Example:
 
     .. code-block:: bash
 
-        salt-call state.single shadowsocks_tuning.limits_applied name=supervisor part=supervisor test=True
+        salt-call state.single shadowsocks_tuning.limits_applied name=nofile test=True
+        salt-call state.single shadowsocks_tuning.limits_applied name=supervisor part=supervisor
     """
     ret = _limit_ret(name)
     test = __opts__["test"]
     try:
-        outcome = __salt__["shadowsocks_tuning.nofile_apply"](part=part, test=test)
+        outcome = __salt__["shadowsocks_tuning.nofile_apply"](part=part, test=test, plan=_plan())
     except (CommandExecutionError, SaltInvocationError) as exc:
         ret["comment"] = str(exc)
         return ret
-    comments = []
+    comments = list(outcome["notes"])
     for item in outcome["files"]:
         comments.append(item["comment"])
         if item["changed"]:
             ret["changes"][item["path"]] = {"old": item["old"], "new": item["new"], "diff": item["diff"]}
+    for raised in outcome["raised"]:
+        comments.append(raised["comment"])
+        if raised["changed"]:
+            ret["changes"][f"pid {raised['pid']}"] = {"old": raised["old"], "new": raised["new"]}
     for restarted in outcome["restarts"]:
         comments.append(restarted["comment"])
         if restarted["changed"]:
             ret["changes"][f"service {restarted['name']}"] = {"old": restarted["old"], "new": restarted["new"]}
-    if not comments:
-        comments.append(f"{part}: nothing installed to manage, or turned off in pillar")
+    comments.extend(p["comment"] for p in outcome["processes"] if p["action"] in ("left", "restart"))
+    if not outcome["files"] and not outcome["processes"] and not outcome["restarts"]:
+        comments.append(f"{part or 'limits'}: nothing installed to manage, or turned off in pillar")
     ret["comment"] = "\n".join(outcome["errors"] + comments)
     if outcome["errors"]:
         return ret  # the files written stay in `changes`
@@ -220,7 +246,7 @@ def nofile_checked(name, nofile=None, limits=None):
     """
     ret = _limit_ret(name)
     try:
-        report = __salt__["shadowsocks_tuning.nofile_check"](nofile=nofile, limits=limits)
+        report = __salt__["shadowsocks_tuning.nofile_check"](plan=_plan(nofile=nofile, limits=limits))
     except (CommandExecutionError, SaltInvocationError) as exc:
         ret["comment"] = str(exc)
         return ret
@@ -328,7 +354,7 @@ def service_restarted(name, pidfile=None, when=None, init_system=None, timeout=N
         salt-call state.single shadowsocks_tuning.service_restarted name=supervisor pidfile=/var/run/supervisord.pid test=True
     """
     return _outcome_state(name, "shadowsocks_tuning.stop_start", "name", name,
-                          pidfile=pidfile, when=when, init=init_system, timeout=timeout, grace=grace)
+                          pidfile=pidfile, when=when, init_system=init_system, timeout=timeout, grace=grace)
 
 
 def nofile_reached(name, nofile=None, pidfiles=None, names=None, wait=None):
@@ -353,19 +379,20 @@ def nofile_reached(name, nofile=None, pidfiles=None, names=None, wait=None):
     """
     ret = _limit_ret(name)
     try:
-        # The same whole check as every other state: a bad pillar or a missing
-        # target anywhere fails this one too.
-        check = __salt__["shadowsocks_tuning.nofile_check"](nofile=nofile)
+        # The same whole check as every other state (the run's one plan): a
+        # bad pillar or a missing target anywhere fails this one too.
+        plan = _plan(nofile=nofile)
+        check = __salt__["shadowsocks_tuning.nofile_check"](plan=plan)
         if check["errors"]:
             lines = check["errors"]
             if check["nofile"]:  # the pillar resolved: what the daemons run with still helps
-                lines = lines + [__salt__["shadowsocks_tuning.nofile"](wanted=nofile, names=names)["comment"]]
+                lines = lines + [__salt__["shadowsocks_tuning.nofile"](nofile=nofile, names=names)["comment"]]
             ret["comment"] = "\n".join(lines)
             return ret
         pidfiles = check["verify"]["pidfiles"] if pidfiles is None else pidfiles
         wait = check["verify"]["wait"] if wait is None else wait
         report = __salt__["shadowsocks_tuning.nofile"](
-            wanted=nofile, names=names, pidfiles=pidfiles, wait=0 if __opts__["test"] else wait
+            nofile=nofile, names=names, pidfiles=pidfiles, wait=0 if __opts__["test"] else wait, plan=plan
         )
     except (CommandExecutionError, SaltInvocationError) as exc:
         ret["comment"] = str(exc)

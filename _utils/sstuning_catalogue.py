@@ -89,20 +89,6 @@ CATALOGUE = {
 CONGESTION_KEY = "net.ipv4.tcp_congestion_control"
 RESERVED_PORTS_KEY = "net.ipv4.ip_local_reserved_ports"
 
-SUPERVISORD_NAME = "supervisord"
-# Server and client programs of shadowsocks-libev, shadowsocks (Python) and
-# shadowsocks-rust, by process name.
-SS_PROCESS_NAMES = (
-    "ss-server", "ss-local", "ss-manager", "ss-redir", "ss-tunnel", "ss-nat",
-    "ssserver", "sslocal", "ssmanager", "ssservice", "ssredir", "sstunnel",
-)
-# SIP003 plugins: ss-server and ss-local (`--plugin`) start one as a child
-# process with limits of its own, and it holds the clients' connections
-# (obfs-server listens on the server port). A plugin of another name is
-# still found as a child of a shadowsocks process (sstuning_procfs.named_processes).
-SS_PLUGIN_NAMES = ("obfs-server", "obfs-local", "v2ray-plugin", "xray-plugin")
-SS_PROCESS_NAMES += SS_PLUGIN_NAMES
-
 # --------------------------------------------------------------------------
 # Profiles: data with `include`. Pillar may add profiles of its own
 # (shadowsocks:tuning:profiles) in the same shape.
@@ -349,26 +335,30 @@ def absent_is_satisfied(key, text):
     return "removed" in CATALOGUE.get(key, {}) and text == "0"
 
 
-def keep_higher(key, wanted, live, lower=False):
+def keep_higher(key, wanted, live, lower=False, directions=None):
     """The one "never worse than what is there" rule, for sysctls and open-file
-    limits in files alike: returns (target, note). Each field of ``wanted``
-    that would give less capacity than ``live`` (by the catalogue's `more`
-    directions) is kept at its live value; ``note`` says what was kept, or is
-    None. ``lower`` lets the ceiling field go down (a profile's documented
-    choice): the max of a triple, the value of a plain key. ``key`` None means
-    a plain number (an open-file limit in a file)."""
+    limits in files alike: returns ``(target, kept)``. Each field of
+    ``wanted`` that would give less capacity than ``live`` (by the
+    catalogue's `more` directions) is kept at its live value; ``kept`` names
+    those fields (``("default 131072",)``; a plain number: ``("32768",)``),
+    empty when none was kept. ``lower`` lets the ceiling field go down (a
+    profile's documented choice): the max of a triple, the value of a plain
+    key. ``key`` None means plain numbers, higher is more, unless
+    ``directions`` says otherwise (an open-file limit: soft and hard).
+    ``kept_note`` words the result."""
     if wanted == live:  # the usual re-run: nothing to weigh
-        return wanted, None
-    directions = CATALOGUE.get(key, {}).get("more") if key else (UP,)
+        return wanted, ()
+    if directions is None:
+        directions = CATALOGUE.get(key, {}).get("more") if key else (UP,) * len(str(wanted).split())
     if not directions or live is None:
-        return wanted, None
+        return wanted, ()
     try:
         want = [int(x) for x in str(wanted).split()]
         have = [int(x) for x in str(live).split()]
     except ValueError:
-        return wanted, None
+        return wanted, ()
     if len(want) != len(directions) or len(have) != len(directions):
-        return wanted, None
+        return wanted, ()
     target, kept = [], []
     for index, (w, h, more) in enumerate(zip(want, have, directions)):
         ceiling = index == len(directions) - 1
@@ -379,15 +369,21 @@ def keep_higher(key, wanted, live, lower=False):
         else:
             target.append(w)
     if not kept:
-        return wanted, None
-    text = " ".join(str(n) for n in target)
-    label = f"{key}: " if key else ""
-    if text == str(live):
-        return text, f"{label}kept {live} (the profile's {wanted} would be less)"
-    return text, f"{label}kept {', '.join(kept)} of {live} (the profile's {wanted} would be less)"
+        return wanted, ()
+    return " ".join(str(n) for n in target), tuple(kept)
+
+
+def kept_note(wanted, live, target, kept):
+    """What ``keep_higher`` kept, in words: ``kept 2466177 (the profile's
+    51200 would be less)`` or ``kept default 131072 of 4096 131072 33554432
+    (...)``."""
+    if target == str(live):
+        return f"kept {live} (the profile's {wanted} would be less)"
+    return f"kept {', '.join(kept)} of {live} (the profile's {wanted} would be less)"
 
 
 _FIELDS = {1: ("",), 2: ("low ", "high "), 3: ("min ", "default ", "max ")}
+LIMIT_FIELDS = ("soft", "hard")
 
 
 def describe():

@@ -18,9 +18,8 @@ import shlex
 
 from salt.exceptions import SaltInvocationError
 
-from sstuning_catalogue import (
-    CATALOGUE, CONGESTION_KEY, RESERVED_PORTS_KEY, absent_is_satisfied, keep_higher, parse_ports, ports_text,
-)
+from sstuning_catalogue import CATALOGUE, CONGESTION_KEY, RESERVED_PORTS_KEY
+from sstuning_sysctl import choose_congestion, decide, describe
 
 FORMATS = ("compose", "docker", "kubernetes")
 
@@ -44,6 +43,11 @@ KUBERNETES_SAFE = {
     "net.ipv4.tcp_rmem": "1.32",
     "net.ipv4.tcp_wmem": "1.32",
 }
+
+# The open-file limit a container gets when its definition says nothing:
+# docker >= 25 and containerd >= 2 give 1024:524288 (systemd's default);
+# older docker gave 1048576:1048576 (dockerd's own LimitNOFILE=infinity).
+RUNTIME_NOFILE = (1024, 524288)
 
 _SERVICE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}\Z")  # a compose service name
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]+\Z")
@@ -72,71 +76,53 @@ def scope(key):
     return "netns" if key.startswith("net.") and not key.startswith("net.core.") else "global"
 
 
-def _congestion(settings, wanted, available, allowed):
-    """(value to set, or None; why not). Inside a container only a congestion
-    control the host has loaded and lists in tcp_allowed_congestion_control
-    can be set: anything else fails the container's start."""
-    problems = []
-    for name in (wanted, settings.get("congestion_fallback")):
-        if not name:
-            continue
-        if name not in available:
-            problems.append(f"'{name}' is not available on this kernel (available: {' '.join(available) or '?'}); "
-                            f"load tcp_{name} on the host")
-        elif name not in allowed:
-            problems.append(f"'{name}' is not in net.ipv4.tcp_allowed_congestion_control here "
-                            f"({' '.join(allowed) or '?'}); add it there on the host")
-        else:
-            return name, ("; ".join(problems) + f"; using fallback '{name}'") if problems else ""
-    return None, "; ".join(problems)
-
-
 def plan(settings, live, available=(), allowed=(), config_ports=None):
     """Split the resolved sysctls into what the container sets, what the host
-    sets and what needs no line, by the same rules ``apply`` follows: never
-    below what ``live`` (this kernel) has, a profile's documented lowering
-    aside; keys that only ask for the kernel's default are left to it; a
-    removed key wanted at 0 needs nothing. ``config_ports`` ({port: where})
-    are added to the reserved ports."""
-    force = set(settings.get("force") or ())
+    sets and what needs no line, by the decisions ``apply`` makes
+    (``sstuning_sysctl.decide``) against ``live`` (this kernel): never below
+    what it has, a profile's documented lowering aside; a removed key wanted
+    at 0 needs nothing. Container facts on top: a new network namespace
+    inherits the host's congestion control, so keys that only ask for the
+    kernel's default are left to it, and only a congestion control the host
+    loaded and allows in namespaces can be set (the runtime refuses to start
+    the container otherwise); it starts with no reserved ports, so those are
+    pillar's and the configs' (``config_ports``, {port: where})."""
     container, host, left_out, notes = {}, {}, {}, []
+    writable = {"status": "writable", "reason": "a container's own network namespace"}
     for key, text in settings["sysctls"].items():
         have = live.get(key)
-        if have is None and absent_is_satisfied(key, text):
-            left_out[key] = f"wanted {text}, and this kernel has no such key (removed); a runtime refuses a missing key"
-            continue
-        if key in settings.get("kernel_default", ()) and key not in force:
+        if key in settings.get("kernel_default", ()) and key not in settings["force"]:
             left_out[key] = (f"the profile asks only for the kernel default {text}: the container inherits the "
                              "host's; name it in pillar sysctls to set it")
             continue
-        if key == CONGESTION_KEY:
-            value, why = _congestion(settings, text, list(available), list(allowed))
-            if value is None:
-                left_out[key] = f"{why}: a container runtime would fail to start the container with it"
+        probe = writable if have is not None or key not in CATALOGUE else {
+            "status": "absent", "reason": "this kernel has no such key (removed)"}
+        cc = choose_congestion(text, settings.get("congestion_fallback"), list(available), list(allowed), True) \
+            if key == CONGESTION_KEY else None
+        decision = decide(key, text, "" if key == RESERVED_PORTS_KEY else have, probe, settings, None, cc,
+                          config_ports or {})
+        action = decision["action"]
+        if action == "satisfied":
+            left_out[key] = f"wanted {text}, and this kernel has no such key (removed); a runtime refuses a missing key"
+            continue
+        if action in ("error", "restricted"):
+            left_out[key] = f"{describe(decision)}: a container runtime would fail to start the container with it"
+            continue
+        if action == "kept":
+            left_out[key] = f"{describe(decision)}; nothing to set"
+            continue
+        if action == "merged":
+            if not decision["target"]:
+                left_out[key] = "no shadowsocks port to reserve (pillar reserved_ports, the daemons' configs)"
                 continue
-            if why:
-                notes.append(f"{key}: {why}")
-            text = value
-        elif key == RESERVED_PORTS_KEY:
-            ports = parse_ports(text or []) | set(config_ports or {})
-            if not ports:
-                left_out[key] = "no shadowsocks port to reserve (pillar reserved_ports, shadowsocks-libev configs)"
-                continue
-            text = ports_text(ports)
             if config_ports:
                 notes.append(f"{key}: reserves the ports of " + ", ".join(
                     f"{port} ({config_ports[port]})" for port in sorted(config_ports)))
-        elif key not in force:
-            target, kept = keep_higher(key, text, have, lower=bool(settings.get("lower", {}).get(key)))
-            if kept and target == have:  # as apply does: the kernel's own value needs no line
-                left_out[key] = kept.split(": ", 1)[1] + "; nothing to set"
-                continue
-            if kept:
-                notes.append(kept)
-            text = target
+        elif decision["why"] in ("partly-kept", "fallback"):
+            notes.append(f"{key}: {describe(decision)}")
         if key not in CATALOGUE:
             notes.append(f"{key}: not in this package's catalogue; {scope(key)} scope guessed from its name")
-        (container if scope(key) == "netns" else host)[key] = text
+        (container if scope(key) == "netns" else host)[key] = decision["target"]
     return {"sysctls": container, "host_only": host, "left_out": left_out, "notes": notes}
 
 
@@ -162,6 +148,17 @@ def _host_comment(host):
     return lines
 
 
+def ulimits(nofile, raises_soft, runtime=RUNTIME_NOFILE):
+    """(soft, hard) for the container's definition, or None when the
+    runtime's default is already enough: raised per field, never below the
+    runtime's default; for a daemon that raises its soft limit to its hard
+    limit by itself, only the hard limit counts."""
+    hard = max(nofile, runtime[1])
+    if raises_soft:
+        return None if runtime[1] >= nofile else (hard, hard)
+    return (max(nofile, runtime[0]), hard)
+
+
 def render(fmt, profile, sysctls, nofile, host_only, service="shadowsocks"):
     """The snippet to paste: a compose file (``docker compose -f compose.yaml
     -f this.yaml`` merges it into the service of that name), a ``docker run``
@@ -172,11 +169,13 @@ def render(fmt, profile, sysctls, nofile, host_only, service="shadowsocks"):
         if sysctls:
             lines.append("    sysctls:")
             lines.extend(f"      {_key(key)}: {_q(value)}" for key, value in sysctls.items())
-        lines += ["    ulimits:", "      nofile:", f"        soft: {nofile}", f"        hard: {nofile}"]
+        if nofile:
+            lines += ["    ulimits:", "      nofile:", f"        soft: {nofile[0]}", f"        hard: {nofile[1]}"]
         return "\n".join(lines + _host_comment(host_only)) + "\n"
     if fmt == "docker":
         args = [f"--sysctl {shlex.quote(f'{key}={value}')}" for key, value in sysctls.items()]
-        args.append(f"--ulimit nofile={nofile}:{nofile}")
+        if nofile:
+            args.append(f"--ulimit nofile={nofile[0]}:{nofile[1]}")
         lines = _host_comment(host_only) + ["docker run \\"] + [f"  {arg} \\" for arg in args] + ["  IMAGE [COMMAND]"]
         return "\n".join(lines) + "\n"
     unsafe = unsafe_in_kubernetes(sysctls)
@@ -185,8 +184,9 @@ def render(fmt, profile, sysctls, nofile, host_only, service="shadowsocks"):
     if unsafe:
         lines += ["# Keys marked unsafe are refused unless every node's kubelet allows them:",
                   f"#   kubelet --allowed-unsafe-sysctls={shlex.quote(','.join(unsafe))}"]
-    lines += [f"# Kubernetes has no per-pod open-file limit: the container runtime's applies; start the server "
-              f"with `ss-server -n {nofile}` where its hard limit allows it."]
+    if nofile:
+        lines += [f"# Kubernetes has no per-pod open-file limit: the container runtime's applies; start the server "
+                  f"with `ss-server -n {nofile[0]}` where its hard limit allows it."]
     lines += ["securityContext:", "  sysctls:"] if sysctls else ["securityContext: {}"]
     for key, value in sysctls.items():
         mark = "  # unsafe: kubelet --allowed-unsafe-sysctls" if key in unsafe else ""
@@ -194,24 +194,35 @@ def render(fmt, profile, sysctls, nofile, host_only, service="shadowsocks"):
     return "\n".join(lines + _host_comment(host_only)) + "\n"
 
 
-def container(settings, fmt, live, available=(), allowed=(), config_ports=None, service="shadowsocks"):
+def container(settings, fmt, live, available=(), allowed=(), config_ports=None, service="shadowsocks",
+              kind=None):
     """Everything ``shadowsocks_tuning.container`` returns: ``{"format",
-    "profile", "text", "sysctls", "nofile", "host_only",
-    "unsafe_in_kubernetes", "left_out", "notes"}``."""
+    "profile", "text", "sysctls", "nofile", "ulimits", "host_only",
+    "unsafe_in_kubernetes", "left_out", "notes"}``. ``kind``: the kind of
+    daemon the container runs (registry entry), for its open-file limit."""
     fmt = validate_format(fmt)
     service = validate_service(service)
     planned = plan(settings, live, available, allowed, config_ports)
     notes = list(planned["notes"])
+    raises_soft = bool(kind and kind.get("raises_soft"))
+    limit = ulimits(settings["nofile"], raises_soft)
+    if limit is None:
+        notes.append(f"nofile {settings['nofile']}: no ulimits needed: {kind['name']} raises its soft limit to its "
+                     f"hard limit by itself, and the runtime's default hard limit ({RUNTIME_NOFILE[1]}) is higher")
+    else:
+        notes.append(f"nofile {limit[0]}:{limit[1]}: at least {settings['nofile']}, and never below the runtime's "
+                     f"default {RUNTIME_NOFILE[0]}:{RUNTIME_NOFILE[1]} (docker >= 25, containerd >= 2; older docker "
+                     "gives 1048576:1048576: there leave ulimits out)")
     if fmt == "kubernetes":
         notes.append(f"nofile {settings['nofile']}: a pod spec cannot set it; the runtime's default applies "
                      "(containerd and docker: their service's LimitNOFILE, or dockerd --default-ulimit)")
     return {
         "format": fmt,
         "profile": settings["profile"],
-        "text": render(fmt, settings["profile"], planned["sysctls"], settings["nofile"], planned["host_only"],
-                       service),
+        "text": render(fmt, settings["profile"], planned["sysctls"], limit, planned["host_only"], service),
         "sysctls": planned["sysctls"],
         "nofile": settings["nofile"],
+        "ulimits": {"soft": limit[0], "hard": limit[1]} if limit else None,
         "host_only": planned["host_only"],
         "unsafe_in_kubernetes": unsafe_in_kubernetes(planned["sysctls"]),
         "left_out": planned["left_out"],

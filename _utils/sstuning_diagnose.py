@@ -26,7 +26,7 @@ import time
 import sstuning_journal as journal
 import sstuning_procfs as procfs
 import sstuning_sysctld as sysctld
-from sstuning_catalogue import SS_PROCESS_NAMES, SUPERVISORD_NAME
+import sstuning_daemons as daemons
 from sstuning_settings import PILLAR
 
 SAMPLE_NAME = "diagnose.json"
@@ -185,13 +185,13 @@ def _read(path, size=16384):
     return None if data is None else data.decode("ascii", "replace")
 
 
-def processes(names):
+def processes(names, parents):
     """``{pid: (name, parent pid or None)}`` of every process going by one of
-    ``names`` and of each child of a shadowsocks process (a plugin such as
+    ``names`` and of each child of one of ``parents`` (a plugin such as
     obfs-server or v2ray-plugin, under its own name; the parent is named)."""
     table = procfs.process_table()
-    named = procfs.named_processes(table, names)
-    return {pid: (name, table[pid][2] if named.get(table[pid][2]) in SS_PROCESS_NAMES else None)
+    named = procfs.named_processes(table, names, parents)
+    return {pid: (name, table[pid][2] if named.get(table[pid][2]) in parents else None)
             for pid, name in named.items()}
 
 
@@ -220,7 +220,7 @@ def drift(proc_root, state_dir, config):
     return out, len(managed), None
 
 
-def sample(proc_root, names):
+def sample(proc_root, names, parents=()):
     """Every raw number one look at the box gives: plain JSON-able values."""
     net = net_dir(proc_root)
     wanted = {section for section, _ in COUNTERS}
@@ -230,7 +230,7 @@ def sample(proc_root, names):
     counters = {f"{section}:{name}": pairs[section][name] for section, name in COUNTERS
                 if name in pairs.get(section, {})}
     fds = {}
-    for pid, (name, parent) in sorted(processes(names).items()):
+    for pid, (name, parent) in sorted(processes(names, parents).items()):
         count, limits = open_fds(pid), procfs.proc_nofile(pid)
         if count is None or limits is None:
             continue  # gone meanwhile
@@ -452,13 +452,15 @@ def findings(current, previous, warn=HEADROOM, critical=CRITICAL_HEADROOM, nofil
 
 
 def report(proc_root, state_dir, config, names=None, warn=HEADROOM, critical=CRITICAL_HEADROOM, nofile=None,
-           previous=None, save=True, notes=()):
+           previous=None, save=True, notes=(), parents=None):
     """One diagnosis. ``previous`` None with ``save``: the sample kept in
     ``state_dir`` is the baseline and this one replaces it; ``save`` False:
     ``previous`` (a ``sample`` an earlier call returned) is the baseline and
     the new sample is returned under ``sample`` for the caller to keep."""
     notes = list(notes)
-    current = sample(proc_root, set(names) if names else {SUPERVISORD_NAME, *SS_PROCESS_NAMES})
+    # The registry's programs by default: supervisord, every shadowsocks server, their plugins.
+    names = set(names) if names else daemons.program_names()
+    current = sample(proc_root, names, daemons.server_names() if parents is None else set(parents))
     if save:
         previous, note = load_sample(state_dir)
         if note:

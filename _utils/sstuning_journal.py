@@ -65,12 +65,19 @@ def read_text(path, max_bytes=None):
         os.close(fd)
 
 
+# The largest file this package edits or records: a hand-written config is a
+# few KiB; a bigger one is refused before it is read, so that memory and the
+# record of originals stay small on a small VPS.
+MAX_MANAGED = 4 << 20
+
+
 def read_managed(path):
     """The text of a file this package rewrites, or None when it does not
     exist. One rule for links: a symbolic link or a file with more than one
     hard link is refused, never followed or read, so nothing outside the
     managed path is read into output or copied into a file this package
-    writes. Raises NotRegularFile with what to do."""
+    writes. A file over ``MAX_MANAGED`` is refused too. Raises
+    NotRegularFile with what to do."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
@@ -85,7 +92,55 @@ def read_managed(path):
             f"{path} has {info.st_nlink} hard links; refusing to rewrite it (its other names would keep the old "
             "content, or a copy would expose it): make it a file of its own"
         )
+    if stat.S_ISREG(info.st_mode) and info.st_size > MAX_MANAGED:
+        raise NotRegularFile(
+            f"{path} is {info.st_size / (1 << 20):.1f} MiB, over the {MAX_MANAGED >> 20} MiB this package edits "
+            "(a hand-written config is a few KiB): see what filled it, or point the setting at another file"
+        )
     return read_text(path)
+
+
+_WHY = {errno.ENOSPC: "no space left on that file system: free some and run again",
+        errno.EDQUOT: "the disk quota is used up: free some and run again",
+        errno.EROFS: "the file system is read-only: remount it read-write, or point the setting elsewhere",
+        errno.EACCES: "permission denied", errno.EPERM: "operation not permitted (immutable or protected?)"}
+
+
+def describe_error(path, exc):
+    """``PATH: what went wrong and what to do``, for an OSError on ``path``."""
+    if isinstance(exc, CommandExecutionError):
+        return str(exc)
+    return f"{path}: {_WHY.get(getattr(exc, 'errno', None), exc.strerror or str(exc))}"
+
+
+def package_conffile(path, info_dir="/var/lib/dpkg/info"):
+    """The Debian package that owns ``path`` as a conffile, or None. Only a
+    file that exists and that this package has not written yet (no managed
+    header) is looked up: the lists are read once, on the first run."""
+    try:
+        text = read_text(path, MAX_MANAGED)
+    except (OSError, NotRegularFile):
+        return None  # read_managed reports it
+    if text is None or "shadowsocks_tuning" in text:
+        return None
+    needle = path.encode() + b"\n"
+    with contextlib.suppress(OSError):
+        for name in os.listdir(info_dir):
+            if name.endswith(".conffiles"):
+                with contextlib.suppress(OSError):
+                    with open(os.path.join(info_dir, name), "rb") as handle:
+                        if needle in handle.read(1 << 20) + b"\n":
+                            return name[: -len(".conffiles")].split(":", 1)[0]
+    return None
+
+
+def stamp(path):
+    """What says a file changed: (inode, size, mtime), None when missing."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 def file_change(path, new_text, old_text=None):
@@ -269,8 +324,15 @@ def remember(state_dir, originals, sysctls=None, files=None, written=None):
             originals["written"][path] = encoded
             changed = True
     if changed:
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        atomic_write(originals_path(state_dir), json.dumps(originals, indent=1, sort_keys=True), mode=0o600)
+        path = originals_path(state_dir)
+        try:
+            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            atomic_write(path, json.dumps(originals, indent=1, sort_keys=True), mode=0o600)
+        except OSError as exc:
+            # The record comes first: without it `clean` could not put back
+            # what would be written next, so nothing is written.
+            raise CommandExecutionError(f"cannot record the originals for clean: {describe_error(path, exc)}; "
+                                        "nothing was changed")
 
 
 def original_text(raw):
@@ -280,6 +342,66 @@ def original_text(raw):
 def forget_originals(state_dir):
     with contextlib.suppress(FileNotFoundError):
         os.unlink(originals_path(state_dir))
+
+
+# --------------------------------------------------------------------------
+# Restarts in progress: on record before the stop, so that a run killed
+# between stop and start leaves a trace the next run finishes
+# --------------------------------------------------------------------------
+def restarts_path(state_dir):
+    return os.path.join(state_dir, "restarts.json")
+
+
+def pending_restarts(state_dir):
+    """``[{"name", "init_system", "pidfile", "since"}]``: restarts an earlier
+    run began (stopped the service) and did not finish."""
+    path = restarts_path(state_dir)
+    try:
+        text = read_managed(path)
+    except NotRegularFile as exc:
+        raise CommandExecutionError(f"{exc}; it is this package's record of restarts in progress: move it away "
+                                    f"(mv {path} {path}.bad) once you have checked those services run")
+    if not text:
+        return []
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if not isinstance(data, list) or not all(
+            isinstance(item, dict) and isinstance(item.get("name"), str) and item.get("init_system") in
+            ("sysvinit", "systemd") for item in data):
+        raise CommandExecutionError(
+            f"{path} is not a valid record of restarts in progress; check that the services it names run, then "
+            f"move it away (mv {path} {path}.bad)")
+    return data
+
+
+def _write_restarts(state_dir, items):
+    path = restarts_path(state_dir)
+    try:
+        if items:
+            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            atomic_write(path, json.dumps(items, indent=1), mode=0o600)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    except OSError as exc:
+        raise CommandExecutionError(f"cannot record the restart in progress: {describe_error(path, exc)}")
+
+
+def begin_restart(state_dir, name, init_system, pidfile, since):
+    """On record before the service is stopped. Raises (and nothing is
+    stopped) when the record cannot be written."""
+    items = [item for item in pending_restarts(state_dir) if item["name"] != name]
+    items.append({"name": name, "init_system": init_system, "pidfile": pidfile, "since": since})
+    _write_restarts(state_dir, items)
+
+
+def end_restart(state_dir, name):
+    """Off the record once the service runs again."""
+    items = pending_restarts(state_dir)
+    if any(item["name"] == name for item in items):
+        _write_restarts(state_dir, [item for item in items if item["name"] != name])
 
 
 @contextlib.contextmanager

@@ -1,13 +1,22 @@
 """
-The open-file-limit engine: put N where each service manager reads it
-(``ulimit -n N`` in /etc/default/supervisor and init scripts, ``MAXFD=N`` for
-shadowsocks-libev, ``minfds=N`` in supervisord.conf, ``LimitNOFILE=N`` in
-systemd drop-ins), stop and start each service whose file changed, and read
-``/proc/<pid>/limits`` to show whether the limit reached the daemons.
+The open-file-limit engine. For every kind of daemon of the registry
+(``sstuning_daemons``) and every init script and unit pillar names, it plans:
 
-Every function takes resolved settings (``sstuning_settings.resolve``) and
-the minion options as plain values. ``plan`` reads every file and checks
-everything before ``apply_part`` writes anything.
+- the files that set the limit for the next start (``ulimit -n`` lines,
+  ``MAXFD=``, supervisord's ``minfds``, systemd ``LimitNOFILE`` drop-ins),
+  each judged against the value the box really gives now (the file's own
+  value, or the unit file and every other drop-in in systemd's order), per
+  field, never lower unless pillar forces it, and never above what the box
+  can grant;
+- every running process of those kinds (``/proc/PID/limits``) and what
+  happens to it: ``in place``, ``raise`` (in place, ``prlimit(2)``, no
+  connection cut), ``restart`` (its service is stopped and started: what a
+  raise in place cannot reach), or ``left`` (said why).
+
+``apply`` raises in place first, then writes the files, then restarts; the
+proof is ``/proc/PID/limits`` read back. Every function takes resolved
+settings and the minion options as plain values; ``plan`` reads everything
+and checks everything before ``apply`` writes anything.
 """
 
 import os
@@ -20,40 +29,60 @@ import sstuning_journal as journal
 import sstuning_lines as lines
 import sstuning_procfs as procfs
 import sstuning_services as services
-from sstuning_catalogue import SS_PROCESS_NAMES, SUPERVISORD_NAME, keep_higher
+import sstuning_units as units
+from sstuning_catalogue import LIMIT_FIELDS, UP, keep_higher
 from sstuning_settings import LIMITS, PILLAR
 
-# Named to sort after `override.conf` (systemctl edit): a later drop-in wins.
-DROPIN_NAME = "shadowsocks-tuning-nofile.conf"
 WHAT = {"ulimit": "ulimit -n", "minfds": "minfds", "assignment": "MAXFD", "dropin": "LimitNOFILE"}
 
 
-def dropin_path(opts, unit):
-    return os.path.join(opts["systemd_dir"], f"{unit}.d", DROPIN_NAME)
+# --------------------------------------------------------------------------
+# What this box can grant
+# --------------------------------------------------------------------------
+def grantable(proc_root, init_system="sysvinit"):
+    """The highest open-file limit a service started here can get: under
+    sysvinit this process starts it, under systemd PID 1 does. Either grants
+    up to ``fs.nr_open`` with CAP_SYS_RESOURCE, else up to its own hard limit
+    (``ulimit -n N`` above it fails with "Operation not permitted"; systemd
+    clamps a larger ``LimitNOFILE`` silently)."""
+    nr_open = procfs.nr_open(proc_root)
+    who = "1" if init_system == "systemd" else "self"
+    if who == "self":
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        hard = nr_open if hard == resource.RLIM_INFINITY else hard
+    else:
+        hard = (procfs.proc_nofile(1) or (None, None))[1]
+        hard = nr_open if hard is None else hard
+    cap = procfs.has_cap_sys_resource(who)
+    name = "salt" if who == "self" else "systemd (PID 1)"
+    if cap:
+        return {"limit": nr_open, "hard": hard, "cap_sys_resource": True, "nr_open": nr_open,
+                "reason": f"{name} has CAP_SYS_RESOURCE, so it can grant up to fs.nr_open ({nr_open})"}
+    limit = min(hard, nr_open)
+    return {"limit": limit, "hard": hard, "cap_sys_resource": False, "nr_open": nr_open,
+            "reason": f"{name} runs with a hard open-file limit of {hard} and without CAP_SYS_RESOURCE (CapEff bit "
+                      f"{procfs.CAP_SYS_RESOURCE}), so a service it starts can get at most {limit}"}
 
 
-def unit_file(opts, unit):
-    """The unit file systemd would load for `unit` (a template for an instance), or None."""
-    names = [unit]
-    if "@" in unit and not unit.endswith("@.service"):
-        names.append(unit.split("@", 1)[0] + "@.service")
-    for directory in opts["unit_dirs"]:
-        for name in names:
-            if os.path.isfile(os.path.join(directory, name)):
-                return os.path.join(directory, name)
-    return None
+def box(options):
+    """The facts settings depend on: ``fs.nr_open``, whether systemd is PID 1,
+    and what a restart can grant under each init system."""
+    systemd = os.path.isdir(options["systemd_marker"])
+    sysv = grantable(options["proc_root"], "sysvinit")["limit"]
+    return {"nr_open": procfs.nr_open(options["proc_root"]), "systemd": systemd,
+            "grantable": {"sysvinit": sysv,
+                          "systemd": grantable(options["proc_root"], "systemd")["limit"] if systemd else sysv}}
 
 
-def managed_paths(settings, opts):
+def managed_paths(settings, options):
     """Every file the open-file-limit settings manage (``clean`` puts back no other)."""
-    return {target["path"] or dropin_path(opts, target["unit"])
-            for groups in settings["limits"].values() for group in groups for target in group["files"]}
+    return {target["path"] or units.dropin_path(options["systemd_dir"], target["unit"])
+            for groups in settings["limits"]["parts"].values() for group in groups for target in group["files"]}
 
 
 def read_managed(path):
     """A managed file's text, None when missing; a link, a hard-linked file,
-    a directory or anything but a regular file is an error (see
-    ``journal.read_managed``)."""
+    a directory or anything but a regular file is an error."""
     try:
         return journal.read_managed(path)
     except CommandExecutionError:
@@ -65,31 +94,64 @@ def read_managed(path):
 # --------------------------------------------------------------------------
 # One file
 # --------------------------------------------------------------------------
-def render(kind, text, nofile, path, placement="end", key="MAXFD", unit=None):
-    """(new_text, old value or None) of one managed file."""
-    if kind == "ulimit":
-        return lines.render_ulimit(text, nofile, path, placement)
-    if kind == "minfds":
-        return lines.render_minfds(text, nofile, path)
-    if kind == "assignment":
-        return lines.render_assignment(text, key, str(nofile), path)
-    return lines.render_dropin(nofile, unit), lines.dropin_limit(text)
+def _pair(value):
+    """(soft, hard) of a file's value: a number, ``unlimited``, None."""
+    if isinstance(value, tuple):
+        return value
+    return (value, value)
 
 
-def plan_file(opts, target, nofile, force):
+def _number(value, nr_open):
+    if value is None:
+        return None
+    if str(value) == "unlimited":
+        return nr_open + 1  # no process can have it: above any ceiling
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None
+
+
+def target_pair(current, nofile, ceiling, raises_soft, force):
+    """Per field (soft, hard): at least ``nofile`` and never below what is
+    there (the one never-worse rule, ``keep_higher``) unless ``force``, and
+    never above ``ceiling``: a value no process can get never took effect,
+    so it is replaced. For a daemon that raises its soft limit to its hard
+    limit by itself, only the hard limit is raised. Returns (target, notes):
+    what was kept or replaced, in words."""
+    notes, have = [], list(current)
+    for index, value in enumerate(have):
+        if value is not None and value > ceiling:
+            notes.append(f"{LIMIT_FIELDS[index]} {value} cannot be granted here (at most {ceiling}), so it never "
+                         "took effect")
+            have[index] = None
+    want = [nofile, nofile]
+    if raises_soft and have[0] is not None:
+        want[0] = have[0]  # the daemon raises it to its hard limit itself
+    if force or None in have:
+        target = [w if h is None or force else max(w, h) for w, h in zip(want, have)]
+    else:
+        text, kept = keep_higher(None, f"{want[0]} {want[1]}", f"{have[0]} {have[1]}", directions=(UP, UP))
+        target = [int(v) for v in text.split()]
+        notes.extend(f"{LIMIT_FIELDS[i]} {have[i]} kept (higher)" for i in range(2) if target[i] > want[i])
+    soft, hard = target
+    return (min(soft, hard), hard), notes
+
+
+def plan_file(options, target, nofile, force, ceiling, raises_soft=False):
     """What managing one file would do, read but not written: ``{"path",
-    "what", "changed", "skipped", "old", "new", "diff", "text", "comment"}``.
-    A limit already higher in the file is kept unless ``force``."""
+    "what", "changed", "skipped", "old", "new", "diff", "text", "comment",
+    "overridden"}``."""
     kind = target["kind"]
     what = target.get("key") if kind == "assignment" else WHAT[kind]
-    path = target["path"] or dropin_path(opts, target["unit"])
+    path = target["path"] or units.dropin_path(options["systemd_dir"], target["unit"])
     result = {"path": path, "what": what, "changed": False, "skipped": False, "old": None, "new": None,
-              "diff": "", "text": None}
-    if kind == "dropin" and unit_file(opts, target["unit"]) is None:
-        result.update(skipped=True, comment=f"{target['unit']} is not installed: nothing to manage")
-        return result
+              "diff": "", "text": None, "overridden": []}
+    nr_open = procfs.nr_open(options["proc_root"])
+    if kind == "dropin":
+        return _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, nr_open)
     text = read_managed(path)
-    if text is None and kind != "dropin":
+    if text is None:
         if target.get("required"):
             raise CommandExecutionError(
                 f"{path} does not exist; install that service's init script, or remove it from pillar "
@@ -97,130 +159,306 @@ def plan_file(opts, target, nofile, force):
             )
         result.update(skipped=True, comment=f"{path} does not exist: nothing to manage")
         return result
-    new_text, old_value = render(kind, text, nofile, path, target.get("placement", "end"),
-                                 target.get("key", "MAXFD"), target.get("unit"))
-    new_value = str(nofile)
-    kept_value, kept = keep_higher(None, new_value, old_value) if not force else (new_value, None)
-    if kept:
-        result.update(old=old_value, new=kept_value,
-                      comment=f"{path}: {what} {old_value} kept (higher than {new_value}; force lowers it)")
+    if kind == "ulimit":
+        lines.check_shell(text, path)
+        soft, hard = lines.ulimit_values(text, path)
+        current = (_number(soft, nr_open), _number(hard, nr_open))
+    elif kind == "assignment":
+        current = _pair(_number(lines.assignment_value(text, target["key"], path), nr_open))
+    else:
+        current = _pair(_number(lines.minfds_value(text, path), nr_open))
+    # A file value sets soft and hard alike (ulimit -n, MAXFD, minfds): only the ulimit form splits them.
+    wanted, notes = target_pair(current, nofile, ceiling, raises_soft and kind == "ulimit", force)
+    if kind != "ulimit":  # one value for both fields: say it once
+        wanted = (max(wanted), max(wanted))
+        notes = sorted({note.split(" ", 1)[1] for note in notes})
+    old = _show(current)
+    result.update(old=old, new=_show(wanted))
+    if wanted == current:
+        result["comment"] = f"{path}: {what} {_show(wanted)} is in place" + (f" ({'; '.join(notes)})" if notes else "")
         return result
-    result.update(old=old_value, new=new_value)
+    if kind == "ulimit":
+        new_text = lines.render_ulimit_values(text, wanted[0], wanted[1], path, target.get("placement", "end"))
+        lines.check_shell(new_text, path)
+    elif kind == "assignment":
+        new_text = lines.render_assignment(text, target["key"], str(wanted[1]), path)[0]
+        lines.check_shell(new_text, path)
+    else:
+        new_text = lines.render_minfds(text, wanted[1], path)[0]
     change = journal.file_change(path, new_text, text)
     if change is None:
-        result["comment"] = f"{path}: {what} {new_value} is in place"
+        result["comment"] = f"{path}: {what} {_show(wanted)} is in place"
         return result
     result.update(changed=True, diff=change["diff"], text=new_text,
-                  comment=f"{path}: {what} would be set to {new_value} (now {old_value or 'not set'})")
+                  comment=f"{path}: {what} would be set to {_show(wanted)} (now {old or 'not set'})"
+                          + (f"; {'; '.join(notes)}" if notes else ""))
     return result
 
 
-def write_file(opts, planned):
-    """Write one planned file atomically after recording its original, so
-    `clean` can put it back byte for byte. Call under the journal lock."""
+def _show(pair):
+    if pair is None or pair == (None, None):
+        return None
+    soft, hard = pair
+    return str(soft) if soft == hard else f"{soft}:{hard}"
+
+
+def _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, nr_open):
+    unit = target["unit"]
+    if units.unit_file(options["unit_dirs"], unit) is None:
+        result.update(skipped=True, comment=f"{unit} is not installed: nothing to manage")
+        return result
+    path = result["path"]
+    text = read_managed(path)
+    default = units.default_limit(nr_open)
+    try:
+        base = units.effective(options["unit_dirs"], unit, nr_open, default, skip=path)
+    except ValueError as exc:
+        raise CommandExecutionError(f"{exc}: systemd ignores it; fix that line")
+    wanted, notes = target_pair(base["limit"], nofile, ceiling, raises_soft, force)
+    ours = units.assignments(text)
+    result["old"] = _show(base["limit"]) + (f" (from {base['source']})" if base["source"] else "")
+    result["new"] = _show(wanted)
+    later = [(p, v) for p, v in base["after"] if v[0] < wanted[0] or v[1] < wanted[1]]
+    result["overridden"] = [f"{p} sets LimitNOFILE={_show(v)} and is read after {path}: it wins" for p, v in later]
+    if wanted == base["limit"] and not ours:
+        result["comment"] = (f"{unit}: LimitNOFILE {_show(base['limit'])} from {base['source']} is in place; no "
+                             f"drop-in needed" + (f" ({'; '.join(notes)})" if notes else ""))
+        return result
+    new_text = units.render_dropin(wanted[0], wanted[1], unit)
+    change = journal.file_change(path, new_text, text)
+    if change is None:
+        result["comment"] = f"{path}: LimitNOFILE {_show(wanted)} is in place"
+        return result
+    result.update(changed=True, diff=change["diff"], text=new_text,
+                  comment=f"{path}: LimitNOFILE would be set to {_show(wanted)} (now {result['old']})"
+                          + (f"; {'; '.join(notes)}" if notes else ""))
+    return result
+
+
+def write_file(options, planned):
+    """Write one planned file atomically (its original is already on record,
+    see ``apply``). Call under the journal lock."""
     path = planned["path"]
-    journal.remember(opts["state_dir"], journal.load_originals(opts["state_dir"]), files=[path],
-                     written={path: planned["text"]})
     try:
         journal.atomic_write(path, planned["text"])
     except OSError as exc:
-        raise CommandExecutionError(f"{path}: cannot write: {exc.strerror or exc}; the file is unchanged")
+        raise CommandExecutionError(f"cannot write {journal.describe_error(path, exc)}; the file is unchanged")
     planned["comment"] = f"{path}: {planned['what']} set to {planned['new']} (was {planned['old'] or 'not set'})"
     return planned
 
 
 # --------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------
+def processes(table, kinds):
+    """Every running process of ``kinds``: ``{pid: {"pid", "name", "kind",
+    "ppid", "soft", "hard"}}`` (plugins and ss-manager's servers included)."""
+    names, parents, owner = set(), set(), {}
+    for kind_name, kind in kinds.items():
+        for name in kind["programs"] + kind["plugins"]:
+            names.add(name)
+            owner.setdefault(name, kind_name)
+        if kind["plugins"]:
+            parents.update(kind["programs"])
+    found = {}
+    named = procfs.named_processes(table, names, parents)
+    for pid, name in named.items():
+        limits = procfs.proc_nofile(pid)
+        if limits is None:
+            continue
+        kind = owner.get(name) or owner.get(named.get(table[pid][2]))
+        found[pid] = {"pid": pid, "name": name, "kind": kind, "ppid": table[pid][2],
+                      "soft": limits[0], "hard": limits[1]}
+    return found
+
+
+def _members(table, settings, parts, found):
+    """{pid: (part, group index)}: the restart group each process belongs to
+    (its pidfile's tree under sysvinit, its unit's cgroup under systemd)."""
+    members = {}
+    systemd = settings["limits"]["init_system"] == "systemd"
+    for part, groups in parts.items():
+        for index, group in enumerate(groups):
+            restart = group["restart"]
+            if not restart or not restart.get("name"):
+                continue
+            if systemd:
+                unit = restart["name"]
+                for pid in found:
+                    now = units.unit_of(pid)
+                    if now and (now == unit or (unit.endswith("@.service") and units.template_of(now) == unit)):
+                        members.setdefault(pid, (part, index))
+            elif restart.get("pidfile"):
+                root = procfs.pid_from(restart["pidfile"])
+                if root:
+                    for pid in procfs.subtree(table, [root]) & set(found):
+                        members.setdefault(pid, (part, index))
+    return members
+
+
+def decide_process(proc, nofile, cap, may, policy, member):
+    """What happens to one running process: ``{"action", "target", "why"}``.
+    ``cap``: this process has CAP_SYS_RESOURCE; ``may``: it may set the
+    other's limits at all (prlimit's rule); ``member``: the restart group
+    it belongs to, or None."""
+    soft, hard = proc["soft"], proc["hard"]
+    if soft is None or (soft >= nofile and (hard is None or hard >= nofile)):
+        return {"action": "in place", "target": (soft, hard), "why": None}
+    target = (max(soft, nofile), hard if hard is None else max(hard, nofile))
+    if policy == "live":
+        if not may:
+            why = "it runs as another user and salt lacks CAP_SYS_RESOURCE, which prlimit needs then"
+        elif target[1] is not None and target[1] > hard and not cap:
+            why = f"its hard limit {hard} is below {nofile}, and raising a hard limit needs CAP_SYS_RESOURCE"
+        else:
+            return {"action": "raise", "target": target, "why": None}
+        if member is None:
+            return {"action": "left", "target": None,
+                    "why": f"cannot be raised in place ({why}), and no service this package manages started it: "
+                           "restart it yourself"}
+        return {"action": "restart", "target": None, "why": f"cannot be raised in place: {why}"}
+    return {"action": "left", "target": None, "why": None}  # running/always/never: the files decide
+
+
+# --------------------------------------------------------------------------
 # Everything, checked before anything is written
 # --------------------------------------------------------------------------
-def grantable(proc_root):
-    """The highest open-file limit a service started from this process can
-    get: ``fs.nr_open`` with CAP_SYS_RESOURCE, else this process's own hard
-    limit (``ulimit -n N`` above it fails with "Operation not permitted")."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    nr_open = procfs.nr_open(proc_root)
-    cap = procfs.has_cap_sys_resource("self")
-    hard_value = nr_open if hard == resource.RLIM_INFINITY else hard
-    if cap:
-        limit = nr_open
-        reason = f"salt has CAP_SYS_RESOURCE, so it can grant up to fs.nr_open ({nr_open})"
-    else:
-        limit = min(hard_value, nr_open)
-        reason = (
-            f"salt runs with a hard open-file limit of {hard_value} and without CAP_SYS_RESOURCE (CapEff bit "
-            f"{procfs.CAP_SYS_RESOURCE}), so a service it starts can get at most {limit}"
-        )
-    return {"limit": limit, "soft": soft, "hard": hard_value, "cap_sys_resource": cap, "nr_open": nr_open,
-            "reason": reason}
-
-
-def plan(settings, opts):
-    """Every file of every part of `limits`, read and rendered, and every
-    problem: ``{"parts": {part: [{"files": [planned], "restart"}]},
-    "errors", "manage", "skipped"}``. Writes nothing."""
-    errors, manage, skipped = [], [], []
+def plan(settings, options, table=None):
+    """Every file of every part, read and rendered; every running process
+    and what happens to it; every restart; every problem:
+    ``{"parts": {part: [{"files", "restart", "restart_why"}]}, "processes",
+    "errors", "notes", "manage", "skipped"}``. Writes nothing."""
+    limits = settings["limits"]
     nofile, force = settings["nofile"], settings["force_nofile"]
+    errors, notes, manage, skipped = [], [], [], []
+    granted = grantable(options["proc_root"], limits["init_system"])
     parts = {}
-    for part, groups in settings["limits"].items():
+    for part, groups in limits["parts"].items():
+        kind = limits["kinds"].get(part, {})
         parts[part] = []
         for group in groups:
             planned = []
             for target in group["files"]:
                 try:
-                    item = plan_file(opts, target, nofile, force)
+                    item = plan_file(options, target, nofile, force, granted["limit"], kind.get("raises_soft", False))
                 except CommandExecutionError as exc:
-                    # `where` already says "pillar ..." (or "argument limits...").
                     where = target["where"] or f"pillar {LIMITS}:{part}"
                     errors.append(f"{where}: {exc}")
                     continue
                 (skipped if item["skipped"] else manage).append(item["path"])
+                notes.extend(item["overridden"])
                 planned.append(item)
-            parts[part].append({"files": planned, "restart": group["restart"]})
-    # The cap matters only where this process starts the daemons itself.
-    granted = grantable(opts["proc_root"]) if settings["init_system"] == "sysvinit" and manage else None
-    if granted and nofile > granted["limit"]:
+            parts[part].append({"files": planned, "restart": group["restart"], "restart_why": None})
+    table = procfs.process_table() if table is None else table
+    found = processes(table, limits["kinds"])
+    members = _members(table, settings, parts, found)
+    cap = procfs.has_cap_sys_resource("self")
+    for pid, proc in sorted(found.items()):
+        member = members.get(pid)
+        decision = decide_process(proc, nofile, cap, procfs.may_set_limits(pid, cap), limits["restart"], member)
+        proc.update(decision, member=member)
+        if decision["action"] == "restart":
+            group = parts[member[0]][member[1]]
+            group["restart_why"] = group["restart_why"] or f"{proc['name']} (pid {pid}) {decision['why']}"
+    policy = limits["restart"]
+    for part, groups in parts.items():
+        for group in groups:
+            changed = any(item["changed"] for item in group["files"])
+            if policy in ("running", "always") and changed and group["restart"]:
+                group["restart_why"] = f"its file changed (restart: {policy})"
+    if nofile > granted["limit"] and (manage or found):
         errors.append(
             f"pillar {PILLAR}:nofile: {nofile} cannot be granted here: {granted['reason']}: `ulimit -n {nofile}` "
-            f"fails in the services it restarts and supervisord refuses minfds={nofile} above its hard limit; "
-            f"lower it to {granted['limit']} or less, or run salt with CAP_SYS_RESOURCE"
-        )
-    return {"parts": parts, "errors": errors, "manage": manage, "skipped": skipped}
+            f"fails in the services it restarts, supervisord refuses minfds={nofile} above its hard limit and "
+            f"systemd clamps LimitNOFILE silently; lower it to {granted['limit']} or less, or give salt (or systemd) "
+            "CAP_SYS_RESOURCE")
+    return {"parts": parts, "processes": found, "errors": errors, "notes": notes, "manage": manage,
+            "skipped": skipped, "grantable": granted, "table": table}
 
 
-def restart(opts, name, pidfile, when, init_system, timeout, grace, test):
+def restart(options, name, pidfile, when, init_system, timeout, grace, test):
     """Stop and start one service (or restart one unit) so it gets the limit,
     and check that it stays up for ``grace`` seconds."""
     if init_system == "systemd":
-        return services.systemd_restart(opts, name, when, timeout, grace, test)
-    return services.sysv_stop_start(opts, name, pidfile, when, timeout, grace, test)
+        return services.systemd_restart(options, name, when, timeout, grace, test)
+    return services.sysv_stop_start(options, name, pidfile, when, timeout, grace, test)
 
 
-def apply_part(settings, opts, planned_part, test):
-    """Write the changed files of one part (call under the journal lock),
-    then stop and start each service whose file changed. Returns the file
-    results, the restart results and the services that failed to come back
-    (each group is independent: one failed restart does not stop the next)."""
+def raise_live(processes_, test):
+    """Raise each process planned ``raise`` in place; the proof is
+    ``/proc/PID/limits`` read back. Returns one result per process."""
+    out = []
+    for proc in processes_:
+        if proc["action"] != "raise":
+            continue
+        soft, hard = proc["target"]
+        label = f"{proc['name']} (pid {proc['pid']})"
+        before = f"{proc['soft']}:{proc['hard']}"
+        if test:
+            out.append({"pid": proc["pid"], "changed": True, "ok": True, "old": before, "new": f"{soft}:{hard}",
+                        "comment": f"{label} would be raised in place from {before} to {soft}:{hard} (prlimit; "
+                                   "no connection is cut)"})
+            continue
+        try:
+            now = procfs.raise_nofile(proc["pid"], soft, hard if hard is not None else resource.RLIM_INFINITY)
+        except ProcessLookupError:
+            out.append({"pid": proc["pid"], "changed": False, "ok": True, "old": before, "new": None,
+                        "comment": f"{label} exited before it could be raised: nothing to do"})
+            continue
+        except OSError as exc:
+            out.append({"pid": proc["pid"], "changed": False, "ok": False, "old": before, "new": None,
+                        "comment": f"{label} could not be raised in place: {exc.strerror or exc}"})
+            continue
+        ok = now[0] is None or now[0] >= soft
+        out.append({"pid": proc["pid"], "changed": True, "ok": ok, "old": before, "new": f"{now[0]}:{now[1]}",
+                    "comment": f"{label} raised in place from {before} to {now[0]}:{now[1]} (read back from "
+                               f"/proc/{proc['pid']}/limits; no connection was cut)"})
+    return out
+
+
+def apply(settings, options, planned, part, test):
+    """One part: raise its processes in place, write its changed files (call
+    under the journal lock; their originals must be on record), then restart
+    each group that needs it. Returns ``{"files", "raised", "restarts",
+    "errors"}``; each group is independent: one failed restart does not stop
+    the next."""
+    limits = settings["limits"]
     files, restarts, errors = [], [], []
-    for group in planned_part:
-        changed = False
+    mine = [p for p in planned["processes"].values() if p["member"] and p["member"][0] == part
+            or p["member"] is None and p["kind"] == part]
+    raised = raise_live(mine, test)
+    errors.extend(r["comment"] for r in raised if not r["ok"])
+    for group in planned["parts"][part]:
         for item in group["files"]:
             if item["changed"] and not test:
-                write_file(opts, item)
+                write_file(options, item)
                 item["written"] = True
-            changed = changed or item["changed"]
             files.append(item)
-        if changed and group["restart"]:
+        if group["restart_why"] and group["restart"] and limits["restart"] != "never":
+            when = "always" if limits["restart"] == "always" else "running"
             try:
-                restarts.append(restart(opts, group["restart"]["name"], group["restart"]["pidfile"],
-                                        settings["restart"], settings["init_system"], settings["timeout"],
-                                        settings["grace"], test))
+                done = restart(options, group["restart"]["name"], group["restart"]["pidfile"], when,
+                               limits["init_system"], limits["timeout"], limits["grace"], test)
+                done["comment"] = f"{done['comment']} (why: {group['restart_why']})"
+                restarts.append(done)
             except CommandExecutionError as exc:
                 errors.append(str(exc))
-    return files, restarts, errors
+        elif group["restart_why"] and group["restart"]:
+            restarts.append({"name": group["restart"]["name"], "changed": False, "old": None, "new": None,
+                             "comment": f"{group['restart']['name']}: restart is off (restart: never); stop and "
+                                        f"start it yourself for the new limit ({group['restart_why']})"})
+    return {"files": files, "raised": raised, "restarts": restarts, "errors": errors}
 
 
 def written(planned_part):
-    """The files of a part that ``apply_part`` has written so far."""
+    """The files of a part that ``apply`` has written so far."""
     return [item for group in planned_part for item in group["files"] if item.get("written")]
+
+
+def changed_files(planned):
+    """Every file of the plan that would change: its originals go on record first."""
+    return [item for groups in planned["parts"].values() for group in groups for item in group["files"]
+            if item["changed"]]
 
 
 # --------------------------------------------------------------------------
@@ -252,16 +490,16 @@ def _why_low(entry, wanted, table, nr_open):
     )
 
 
-def report(proc_root, wanted, names, pidfiles):
+def report(proc_root, wanted, names, pidfiles, parents=None, table=None):
     """One look at /proc: the open-file limits of every matching process."""
-    table = procfs.process_table()
+    table = procfs.process_table() if table is None else table
     scope = None
     if pidfiles:
         roots = [pid for pid in (procfs.pid_from(p) for p in pidfiles) if pid]
         scope = procfs.subtree(table, roots)
     nr_open = procfs.nr_open(proc_root)
-    named = procfs.named_processes(table, names)  # plugins (children of shadowsocks processes) included
-    processes, problems = [], []
+    named = procfs.named_processes(table, names, parents if parents is not None else names)
+    processes_, problems = [], []
     for pid in sorted(table):
         if scope is not None and pid not in scope:
             continue
@@ -276,48 +514,59 @@ def report(proc_root, wanted, names, pidfiles):
         if not entry["ok"]:
             entry["reason"] = _why_low(entry, wanted, table, nr_open)
             problems.append(f"{name} (pid {pid}): soft {soft}, hard {hard}: {entry['reason']}")
-        processes.append(entry)
+        processes_.append(entry)
     granted = grantable(proc_root)
     return {
         "wanted": wanted,
         "ok": not problems,
-        "processes": processes,
+        "processes": processes_,
         "problems": problems,
         "grantable": granted,
-        "comment": _comment(wanted, processes, problems, granted, pidfiles),
+        "comment": _comment(wanted, processes_, problems, granted, pidfiles),
     }
 
 
-def watch(proc_root, wanted, names, pidfiles, wait):
-    """``report``, again every half second for up to ``wait`` seconds until every process is at ``wanted``."""
+def verify(proc_root, wanted, names, pidfiles, wait, parents=None, table=None):
+    """``report``, again every half second for up to ``wait`` seconds until
+    every process is at ``wanted``. ``table``: a process table read this run
+    (only the first look uses it)."""
     deadline = time.monotonic() + wait
     while True:
-        result = report(proc_root, wanted, names, pidfiles)
+        result = report(proc_root, wanted, names, pidfiles, parents, table)
         if result["ok"] or time.monotonic() >= deadline:
             return result
+        table = None
         time.sleep(0.5)
 
 
-def _comment(wanted, processes, problems, granted, pidfiles):
+def _comment(wanted, processes_, problems, granted, pidfiles):
     where = f" under {', '.join(pidfiles)}" if pidfiles else ""
-    if not processes:
+    if not processes_:
         return f"no supervisord or shadowsocks process is running{where}: nothing to check"
-    seen = ", ".join(f"{p['name']}[{p['pid']}] {p['soft']}/{p['hard']}" for p in processes)
+    seen = ", ".join(f"{p['name']}[{p['pid']}] {p['soft']}/{p['hard']}" for p in processes_)
     if not problems:
         return f"every process runs with at least {wanted} open files{where}: {seen}"
-    out = [f"{len(problems)} of {len(processes)} process(es){where} run with an open-file limit below {wanted}:"]
+    out = [f"{len(problems)} of {len(processes_)} process(es){where} run with an open-file limit below {wanted}:"]
     out.extend(f"- {p}" for p in problems)
     if granted["limit"] < wanted:
         out.append(f"Cap here: {granted['reason']}.")
     return "\n".join(out)
 
 
-def process_names(names):
-    """Process names to look for: supervisord and the shadowsocks programs by default."""
+def process_names(names, kinds):
+    """Process names to look for: every program of ``kinds`` by default."""
     if names is None:
-        return {SUPERVISORD_NAME, *SS_PROCESS_NAMES}
+        found = set()
+        for kind in kinds.values():
+            found.update(kind["programs"] + kind["plugins"])
+        return found
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise SaltInvocationError(f"names: {names!r} must be a list of process names, e.g. [ss-server]")
     return set(names)
+
+
+def parent_names(kinds):
+    """The programs whose children are plugins with limits of their own."""
+    return {name for kind in kinds.values() if kind["plugins"] for name in kind["programs"]}

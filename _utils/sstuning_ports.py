@@ -8,11 +8,13 @@ live connections a restart would cut. Reads files, /proc and sock_diag only.
 """
 
 import contextlib
+import functools
 import json
 import os
 import socket
 import struct
 
+import sstuning_configs as configs
 import sstuning_journal as journal
 import sstuning_procfs as procfs
 
@@ -55,6 +57,12 @@ def config_ports(config_dir):
             if port:
                 found.setdefault(port, f"{path} ({field})")
     return found
+
+
+def kind_config_ports(kind_configs):
+    """{port: "path (field)"} from the configs of one kind of daemon
+    (``{paths, format, ports}`` of the registry or pillar)."""
+    return configs.config_ports(kind_configs["paths"], kind_configs["format"], kind_configs["ports"])
 
 
 def _diag_dump(sock, family, protocol, states):
@@ -134,7 +142,7 @@ def live_connections(root_pid):
     return len(held)
 
 
-def listening_ports(names, wanted_range=None):
+def listening_ports(names, wanted_range=None, table=None):
     """{port: "ss-server (pid N)"} for every socket a process called one of
     ``names`` (in this network namespace) listens on. Only sockets whose
     port lies in ``wanted_range`` (low, high) need an owner: ports outside the
@@ -146,8 +154,8 @@ def listening_ports(names, wanted_range=None):
         return {}
     own_netns = os.readlink("/proc/self/ns/net")
     found = {}
-    for pid, (comm, _, _) in procfs.process_table().items():
-        name = procfs.match_name(comm, procfs.proc_argv(pid), names)
+    for pid, (comm, _, _) in (procfs.process_table() if table is None else table).items():
+        name = procfs.match_name(comm, functools.partial(procfs.proc_argv, pid), names)
         if not name:
             continue
         with contextlib.suppress(OSError):

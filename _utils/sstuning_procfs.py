@@ -4,10 +4,13 @@ back) and processes under ``/proc`` (state, parent, argv, open-file limits,
 capabilities). No Salt here: every function takes the root it reads from.
 """
 
+import functools
 import os
 import re
+import resource
+import stat
 
-from sstuning_catalogue import CATALOGUE, SS_PROCESS_NAMES, normalise_live, validate_key
+from sstuning_catalogue import CATALOGUE, normalise_live, validate_key
 
 CAP_SYS_RESOURCE = 24  # capability(7) bit: may raise a hard limit
 AVAILABLE_CC = "net.ipv4.tcp_available_congestion_control"
@@ -166,14 +169,23 @@ def proc_argv(pid):
     return [a.decode("utf-8", "replace") for a in (data or b"").split(b"\0") if a]
 
 
+# The kernel keeps the first 15 bytes of a program's name as its `comm`.
+COMM_LENGTH = 15
+
+
 def match_name(comm, argv, names):
-    """The name in ``names`` a process goes by, or None."""
+    """The name in ``names`` a process goes by, or None. ``argv`` gives its
+    command line (a list, or a function that reads it): it is looked at only
+    where ``comm`` cannot tell, a name the kernel cut to 15 bytes
+    (``outline-ss-serv``) or a Python program (ssserver, supervisord) started
+    as ``python3 /usr/bin/NAME``."""
     if comm in names:
         return comm
-    candidates = argv[:1]
-    # Python programs (ssserver, supervisord) show as `python3 /usr/bin/NAME` when started that way.
-    if argv and os.path.basename(argv[0]).startswith(("python", "pypy")):
-        candidates = argv[1:2]
+    python = comm.startswith(("python", "pypy"))
+    if not python and not (len(comm) == COMM_LENGTH and any(n.startswith(comm) for n in names)):
+        return None
+    argv = argv() if callable(argv) else argv
+    candidates = argv[1:2] if argv and os.path.basename(argv[0]).startswith(("python", "pypy")) else argv[:1]
     for arg in candidates:
         base = os.path.basename(arg)
         base = base[:-3] if base.endswith(".py") else base
@@ -194,11 +206,20 @@ def process_table():
 
 
 def pid_from(pidfile):
+    """The pid a pidfile names, or None. Opened without blocking and read
+    only when it is a regular file: a named pipe there would hang the run."""
     try:
-        with open(pidfile, "rb") as handle:
-            return int(handle.read(64).split()[0])
+        fd = os.open(pidfile, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return int(os.read(fd, 64).split()[0])
     except (OSError, ValueError, IndexError):
         return None
+    finally:
+        os.close(fd)
 
 
 def _option(argv, name):
@@ -229,20 +250,59 @@ def adopted(table):
     return links
 
 
-def named_processes(table, names):
+def named_processes(table, names, parents=()):
     """{pid: name} of every process called one of ``names``, and of every
-    child of a shadowsocks process among them: a SIP003 plugin such as
-    obfs-server, under its own name, has limits of its own."""
+    child of a process called one of ``parents`` (the servers that start
+    SIP003 plugins such as obfs-server): a plugin, under whatever name, has
+    limits of its own and holds the clients' connections."""
     named = {}
     for pid, (comm, _, _) in table.items():
-        name = match_name(comm, proc_argv(pid), names)
+        name = match_name(comm, functools.partial(proc_argv, pid), names)
         if name:
             named[pid] = name
-    parents = {pid for pid, name in named.items() if name in SS_PROCESS_NAMES}
+    servers = {pid for pid, name in named.items() if name in parents}
     for pid, (comm, _, ppid) in table.items():
-        if pid not in named and ppid in parents:
+        if pid not in named and ppid in servers:
             named[pid] = comm
     return named
+
+
+def ids(pid):
+    """((real, effective, saved uid), (real, effective, saved gid)) of a process, or None when it is gone."""
+    data = read_bytes(f"/proc/{pid}/status", 2048)
+    if not data:
+        return None
+    found = {}
+    for line in data.split(b"\n"):
+        if line.startswith((b"Uid:", b"Gid:")):
+            found[line[:3]] = tuple(int(v) for v in line.split()[1:4])
+    if len(found) != 2:
+        return None
+    return found[b"Uid"], found[b"Gid"]
+
+
+def may_set_limits(pid, cap_sys_resource):
+    """Whether this process may change another's limits (prlimit(2)):
+    CAP_SYS_RESOURCE, or its real uid and gid equal to the other's real,
+    effective and saved uids and gids."""
+    if cap_sys_resource:
+        return True
+    found = ids(pid)
+    if found is None:
+        return False
+    uid, gid = os.getuid(), os.getgid()
+    return all(u == uid for u in found[0]) and all(g == gid for g in found[1])
+
+
+def raise_nofile(pid, soft, hard):
+    """Set a running process's RLIMIT_NOFILE (prlimit(2)) and read it back
+    from /proc/PID/limits: returns what it has now. Raises OSError (EPERM:
+    not allowed; ESRCH: it is gone; EINVAL: soft above hard)."""
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    now = proc_nofile(pid)
+    if now is None:
+        raise ProcessLookupError(3, f"process {pid} is gone")
+    return now
 
 
 def subtree(table, roots):

@@ -7,6 +7,7 @@ configured. Never the init script's ``restart``: Debian 12's
 """
 
 import contextlib
+import functools
 import os
 import re
 import select
@@ -18,7 +19,8 @@ from salt.exceptions import CommandExecutionError
 
 import sstuning_ports as ports
 import sstuning_procfs as procfs
-from sstuning_catalogue import SS_PROCESS_NAMES, SUPERVISORD_NAME
+import sstuning_daemons as daemons
+import sstuning_journal as journal
 from sstuning_settings import LIMITS, OPTIONS
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -91,12 +93,11 @@ def daemon_names(opts, name):
     """The names the daemon of service ``name`` may run under: the program of
     its init script's ``DAEMON=`` line, else the service's own name,
     supervisord or a shadowsocks program."""
-    with contextlib.suppress(OSError):
-        with open(os.path.join(opts["init_dir"], name), "rb") as handle:
-            found = _DAEMON_LINE.search(handle.read(1 << 16).decode("utf-8", "replace"))
+    with contextlib.suppress(OSError, journal.NotRegularFile):
+        found = _DAEMON_LINE.search(journal.read_text(os.path.join(opts["init_dir"], name), 1 << 20) or "")
         if found:
             return {os.path.basename(found.group(1))}
-    return {name, SUPERVISORD_NAME, *SS_PROCESS_NAMES}
+    return {name} | daemons.program_names()
 
 
 def _pidfile_daemon(opts, name, pidfile):
@@ -108,7 +109,7 @@ def _pidfile_daemon(opts, name, pidfile):
     if stat is None or stat[1] == "Z":
         return None, None
     names = daemon_names(opts, name)
-    if procfs.match_name(stat[0], procfs.proc_argv(pid), names):
+    if procfs.match_name(stat[0], functools.partial(procfs.proc_argv, pid), names):
         return pid, None
     return None, (f"{pidfile} names pid {pid}, which runs {stat[0]}, not {' or '.join(sorted(names)[:4])}: "
                   "a stale pidfile; that process was left alone")
@@ -180,6 +181,9 @@ def sysv_stop_start(opts, name, pidfile, when, timeout, grace, test):
                       comment=f"{name} would be stopped and started (service {name} stop, then start): "
                               f"{cut.replace(' cut', ' would be cut')}{note}")
         return result
+    # On record before the stop: a run killed between stop and start leaves
+    # the service down, and the next run must know to start it.
+    journal.begin_restart(opts["state_dir"], name, "sysvinit", pidfile, time.time())
     if running is not None:
         argv = _service_argv(opts, name, "stop")
         rc, output = run_service(argv, timeout)
@@ -206,9 +210,43 @@ def sysv_stop_start(opts, name, pidfile, when, timeout, grace, test):
             f"service {name} started (pid {now}) but did not stay up for {grace} s: it dies right after it starts "
             f"(a crash loop?); it does not run now: see its log ({cut})"
         )
+    journal.end_restart(opts["state_dir"], name)
     result.update(changed=True, new=f"running (pid {now})" if now is not True else "running",
                   comment=f"{name} stopped and started: {cut}{note}")
     return result
+
+
+def finish(opts, pending, timeout, grace, test):
+    """Start the services an earlier run stopped and did not start again
+    (it was killed between the two): ``[result]``; raises naming the service
+    when one does not come back."""
+    out = []
+    for item in pending:
+        name, pidfile = item["name"], item.get("pidfile")
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item.get("since") or 0))
+        running = _sysv_running(opts, name, pidfile)
+        if running:
+            if not test:
+                journal.end_restart(opts["state_dir"], name)
+            out.append({"name": name, "changed": False, "old": "running", "new": "running",
+                        "comment": f"{name}: the restart begun at {since} was finished by someone: it runs"})
+            continue
+        if test:
+            out.append({"name": name, "changed": True, "old": "stopped", "new": "running",
+                        "comment": f"{name} would be started: a run at {since} stopped it and did not start it again"})
+            continue
+        argv = _service_argv(opts, name, "start")
+        rc, output = run_service(argv, timeout)
+        now = wait_for(lambda: _sysv_running(opts, name, pidfile), timeout) if rc == 0 else None
+        if not now or not _stays_up(lambda: _sysv_running(opts, name, pidfile), grace):
+            raise CommandExecutionError(
+                f"service {name} is still down: a run at {since} stopped it and did not start it again, and "
+                f"starting it now failed ({_describe_run(argv, rc, output)}); see its log, start it by hand, then "
+                f"run again")
+        journal.end_restart(opts["state_dir"], name)
+        out.append({"name": name, "changed": True, "old": "stopped", "new": f"running (pid {now})",
+                    "comment": f"{name} started: a run at {since} stopped it and did not start it again"})
+    return out
 
 
 def _systemctl(opts):

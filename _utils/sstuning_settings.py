@@ -16,6 +16,7 @@ import re
 
 from salt.exceptions import SaltInvocationError
 
+import sstuning_daemons as daemons
 from sstuning_catalogue import (
     CONGESTION_KEY, DEFAULT_PROFILE, PROFILES, RESERVED_PORTS_KEY, normalise, parse_ports, validate_key,
 )
@@ -54,43 +55,35 @@ DEFAULTS = {
     "policy": {"unavailable": "warn", "override": "warn", "keys": {}},
     "congestion_fallback": None,
     "reserved_ports": [],  # more ports to keep out of ip_local_port_range: 8388 or "9000-9010"
-    "nofile": 51200,  # the recipe's `ulimit -n 51200`
+    "config_outside_boot": False,  # allow a config that `sysctl --system` does not read at boot
+    "nofile": 51200,  # the recipe's `ulimit -n 51200`; unset: that, or the most this box can grant
     "limits": {
         "init_system": "auto",
-        "restart": "running",
+        "restart": "live",
         "timeout": 30,
         "grace": 2,  # seconds a restarted daemon must stay up: one that dies at once is a failure
-        "supervisor": {
-            "service": "supervisor",
-            "pidfile": "/var/run/supervisord.pid",
-            "defaults_file": "/etc/default/supervisor",
-            "config": "/etc/supervisor/supervisord.conf",
-            "unit": "supervisor.service",
-        },
-        "shadowsocks_libev": {
-            "service": "shadowsocks-libev",
-            "pidfile": "/var/run/shadowsocks-libev/shadowsocks-libev.pid",
-            "defaults_file": "/etc/default/shadowsocks-libev",
-            "units": [
-                "shadowsocks-libev.service",
-                "shadowsocks-libev-server@.service",
-                "shadowsocks-libev-local@.service",
-                "shadowsocks-libev-redir@.service",
-                "shadowsocks-libev-tunnel@.service",
-            ],
-        },
         "init_scripts": [],
         "units": [],
         "verify": {"pidfiles": [], "wait": 5},
+        # Each kind of daemon of the registry (sstuning_daemons.KINDS), by name:
+        # pillar sets its fields, `null` leaves that kind alone.
     },
 }
 INIT_SCRIPT_FIELDS = ("path", "service", "pidfile")
 PROFILE_FIELDS = ("description", "include", "sysctls", "lower", "kernel_default")
-# The parts of `limits` a state manages, in the order the SLS applies them.
-LIMITS_PARTS = ("supervisor", "shadowsocks_libev", "init_scripts", "units")
+# The parts of `limits` a run manages, in order: each kind of daemon, then
+# the init scripts and units pillar names.
+EXTRA_PARTS = ("init_scripts", "units")
 POLICIES = ("warn", "strict")
 INIT_SYSTEMS = ("auto", "systemd", "sysvinit")
-RESTART_WHEN = ("running", "always", "never")
+# live: raise running daemons in place, restart only those that cannot be
+# raised; running: stop and start running services whose file changed;
+# always: also start stopped ones; never: write the files only.
+RESTART_WHEN = ("live", "running", "always", "never")
+# What the recipe asks for; an unset `nofile` is this, or the most this box can grant.
+RECIPE_NOFILE = 51200
+# Where an unset box fact comes from, for tests: any process may get fs.nr_open.
+DEFAULT_BOX = {"nr_open": 1048576, "systemd": False, "grantable": {"sysvinit": 1048576, "systemd": 1048576}}
 
 _PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9@._+:-]{0,254}\Z")
@@ -246,14 +239,18 @@ class _Errors(list):
 # --------------------------------------------------------------------------
 # The resolution
 # --------------------------------------------------------------------------
-def resolve(tuning, arguments=None, nr_open=1048576, systemd=False):
+def resolve(tuning, arguments=None, box=None):
     """
     Validated settings from pillar ``shadowsocks:tuning`` (``tuning``, as
     returned by ``pillar_tuning``) and explicit ``arguments`` (``{name:
-    value}``; None means "not given"), over ``DEFAULTS``. ``nr_open`` and
-    ``systemd`` are the box's facts. Raises SaltInvocationError naming every
-    problem with its pillar path (or argument); returns plain data.
+    value}``; None means "not given"), over ``DEFAULTS``. ``box`` holds the
+    facts of this box that settings depend on (``DEFAULT_BOX``'s keys:
+    ``nr_open``, whether ``systemd`` is PID 1, and the highest open-file limit
+    a restart can give per init system, ``grantable``). Raises
+    SaltInvocationError naming every problem with its pillar path (or
+    argument); returns plain data.
     """
+    box = dict(DEFAULT_BOX, **(box or {}))
     errors = _Errors()
     if not isinstance(tuning, dict):
         raise SaltInvocationError(
@@ -271,9 +268,9 @@ def resolve(tuning, arguments=None, nr_open=1048576, systemd=False):
             return tuning[name], f"pillar {PILLAR}:{name}"
         return DEFAULTS[name], f"pillar {PILLAR}:{name}"
 
-    settings = {}
+    settings = {"notes": []}
     _resolve_sysctls(settings, pick, errors)
-    _resolve_limits(settings, pick, errors, nr_open, systemd)
+    _resolve_limits(settings, pick, errors, box, given.get("nofile", tuning.get("nofile")) is None)
     if errors:
         raise SaltInvocationError("\n".join(errors) + "\nNothing was changed: fix the pillar (or arguments) above")
     return settings
@@ -323,6 +320,10 @@ def _resolve_sysctls(settings, pick, errors):
 
     config, where = pick("config")
     settings["config"] = errors.call(validate_config, config, where)
+    outside, where = pick("config_outside_boot")
+    if not isinstance(outside, bool):
+        errors.append(f"{where}: {outside!r} must be true or false")
+    settings["config_outside_boot"] = outside is True
 
     force, where = pick("force")
     settings["force"] = []
@@ -425,123 +426,204 @@ def resolve_profile(name, profiles, where=f"pillar {PILLAR}:profile"):
     return chain, merged, lower, kernel_default
 
 
-def _resolve_limits(settings, pick, errors, nr_open, systemd):
-    """Open-file limits: N, and the files and services of each part of
-    `limits`, as groups of {files, restart}: a group's service is stopped and
-    started when one of its files changed."""
-    value, where = pick("nofile")
-    settings["nofile"] = errors.call(validate_nofile, value, nr_open, where)
-
+def _resolve_limits(settings, pick, errors, box, nofile_unset):
+    """Open-file limits: N, and per part of `limits` (each kind of daemon of
+    the registry, the init scripts, the units) groups of {files, restart}: a
+    group's service is stopped and started when one of its files changed
+    (restart running/always), or when a daemon of it cannot be raised in
+    place (restart live)."""
     raw, where = pick("limits")
     if not isinstance(raw, dict):
-        errors.append(f"{where} must be a mapping ({', '.join(DEFAULTS['limits'])})")
+        errors.append(f"{where} must be a mapping ({', '.join(DEFAULTS['limits'])}, or a kind of daemon)")
         raw = {}
-    errors.unknown(raw, DEFAULTS["limits"], where)
-    limits = _merge(DEFAULTS["limits"], raw)
+    limits = _merge(DEFAULTS["limits"], {k: v for k, v in raw.items() if k in DEFAULTS["limits"]})
     init = errors.call(validate_choice, limits["init_system"], INIT_SYSTEMS, f"{where}:init_system")
-    use_systemd = init == "systemd" or (init == "auto" and systemd)
-    settings["init_system"] = "systemd" if use_systemd else "sysvinit"
-    settings["restart"] = errors.call(validate_choice, limits["restart"], RESTART_WHEN, f"{where}:restart")
-    settings["timeout"] = errors.call(validate_seconds, limits["timeout"], f"{where}:timeout")
-    settings["grace"] = errors.call(validate_grace, limits["grace"], f"{where}:grace")
+    use_systemd = init == "systemd" or (init == "auto" and box["systemd"])
+    resolved = {
+        "init_system": "systemd" if use_systemd else "sysvinit",
+        "restart": errors.call(validate_choice, limits["restart"], RESTART_WHEN, f"{where}:restart"),
+        "timeout": errors.call(validate_seconds, limits["timeout"], f"{where}:timeout"),
+        "grace": errors.call(validate_grace, limits["grace"], f"{where}:grace"),
+    }
 
-    def section(name):
-        data = limits.get(name)
-        if data is None:
-            return None  # turned off in pillar
-        if not isinstance(data, dict):
-            errors.append(f"{where}:{name} must be a mapping ({', '.join(DEFAULTS['limits'][name])}) or null")
-            return None
-        errors.unknown(data, DEFAULTS["limits"][name], f"{where}:{name}")
-        return data
+    value, at = pick("nofile")
+    granted = box["grantable"][resolved["init_system"]]
+    if nofile_unset and granted < RECIPE_NOFILE:
+        value = granted
+        settings["notes"].append(
+            f"nofile {granted}: the most this box can grant ({resolved['init_system']}); the recipe's "
+            f"{RECIPE_NOFILE} would fail here. Set pillar {PILLAR}:nofile to choose another value")
+    settings["nofile"] = errors.call(validate_nofile, value, box["nr_open"], at)
 
-    def path(data, field, at):
-        if not data.get(field):
-            return None
-        return errors.call(validate_path, data[field], f"{at}:{field}")
+    parts, kinds = {}, {}
+    for name in list(daemons.KINDS) + sorted(k for k in raw if k not in DEFAULTS["limits"] and k not in daemons.KINDS):
+        if name in raw and raw[name] is None:
+            continue  # turned off in pillar
+        kind = _resolve_kind(name, raw.get(name, {}), f"{where}:{name}", errors)
+        if kind is not None:
+            kinds[name] = kind
+            parts[name] = _kind_groups(kind, use_systemd, f"{where}:{name}")
+    parts["init_scripts"] = _init_script_groups(limits.get("init_scripts"), f"{where}:init_scripts", errors)
+    extra = _units(limits.get("units"), f"{where}:units", errors)
+    parts["units"] = [{"files": [_target("dropin", None, None, unit=unit)], "restart": {"name": unit, "pidfile": None}}
+                      for unit in extra] if use_systemd else []
+    resolved["kinds"], resolved["parts"] = kinds, parts
 
-    def file_(kind, path_, at, **extra):
-        return dict(kind=kind, path=path_, where=at, **extra)
-
-    def units(data, at):
-        if data is None:
-            return []
-        if not isinstance(data, list):
-            errors.append(f"{at} must be a list of unit names")
-            return []
-        return [u for u in (errors.call(validate_unit, unit, f"{at}[{i}]") for i, unit in enumerate(data)) if u]
-
-    def unit_groups(unit_names):
-        return [{"files": [file_("dropin", None, None, unit=u)], "restart": {"name": u, "pidfile": None}}
-                for u in unit_names]
-
-    parts = {name: [] for name in LIMITS_PARTS}
-
-    sup = section("supervisor")
-    if sup is not None:
-        at = f"{where}:supervisor"
-        files = []
-        defaults_file = path(sup, "defaults_file", at)
-        if defaults_file:
-            files.append(file_("ulimit", defaults_file, f"{at}:defaults_file", placement="end", required=False))
-        config = path(sup, "config", at)
-        if config:
-            files.append(file_("minfds", config, f"{at}:config", required=False))
-        unit = errors.call(validate_unit, sup["unit"], f"{at}:unit") if sup.get("unit") else None
-        service = errors.call(validate_service, sup["service"], f"{at}:service") if sup.get("service") else None
-        pidfile = path(sup, "pidfile", at)
-        if use_systemd and unit:
-            files.append(file_("dropin", None, None, unit=unit))
-        name = unit if use_systemd else service
-        parts["supervisor"].append({"files": files, "restart": {"name": name, "pidfile": pidfile} if name else None})
-
-    ssl = section("shadowsocks_libev")
-    if ssl is not None:
-        at = f"{where}:shadowsocks_libev"
-        service = errors.call(validate_service, ssl["service"], f"{at}:service") if ssl.get("service") else None
-        pidfile = path(ssl, "pidfile", at)
-        defaults_file = path(ssl, "defaults_file", at)
-        ssl_units = units(ssl.get("units"), f"{at}:units")
-        if defaults_file:
-            # Its init script runs `ulimit -n ${MAXFD}`; under systemd the units' drop-ins carry the limit.
-            restart = {"name": service, "pidfile": pidfile} if service and not use_systemd else None
-            parts["shadowsocks_libev"].append(
-                {"files": [file_("assignment", defaults_file, f"{at}:defaults_file", key="MAXFD", required=False)],
-                 "restart": restart})
-        if use_systemd:
-            parts["shadowsocks_libev"].extend(unit_groups(ssl_units))
-
-    scripts = limits.get("init_scripts") or []
-    if not isinstance(scripts, list):
-        errors.append(f"{where}:init_scripts must be a list of paths or {{path, service, pidfile}} mappings")
-        scripts = []
-    for index, item in enumerate(scripts):
-        at = f"{where}:init_scripts[{index}]"
-        item = item if isinstance(item, dict) else {"path": item}
-        errors.unknown(item, INIT_SCRIPT_FIELDS, at)
-        script = errors.call(validate_path, item.get("path"), f"{at}:path")
-        service = item.get("service") or (os.path.basename(script) if script else None)
-        service = errors.call(validate_service, service, f"{at}:service") if service else None
-        pidfile = path(item, "pidfile", at)
-        if script:
-            parts["init_scripts"].append(
-                {"files": [file_("ulimit", script, f"{at}:path", placement="init", required=True)],
-                 "restart": {"name": service, "pidfile": pidfile} if service else None})
-
-    extra_units = units(limits.get("units"), f"{where}:units")
-    if use_systemd:
-        parts["units"] = unit_groups(extra_units)
-    settings["limits"] = parts
-
-    verify = section("verify") or {}
+    verify = limits.get("verify")
+    if not isinstance(verify, dict):
+        errors.append(f"{where}:verify must be a mapping (pidfiles, wait)")
+        verify = {}
+    errors.unknown(verify, DEFAULTS["limits"]["verify"], f"{where}:verify")
     pidfiles = verify.get("pidfiles") or []
     if not isinstance(pidfiles, list):
         errors.append(f"{where}:verify:pidfiles must be a list of pidfile paths")
         pidfiles = []
-    settings["verify"] = {
+    resolved["verify"] = {
         "pidfiles": [p for p in (errors.call(validate_path, p, f"{where}:verify:pidfiles[{i}]")
                                  for i, p in enumerate(pidfiles)) if p],
         "wait": errors.call(validate_seconds, verify.get("wait", DEFAULTS["limits"]["verify"]["wait"]),
                             f"{where}:verify:wait", 0, 600),
     }
+    settings["limits"] = resolved
 
+
+_PROGRAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+CONFIG_FORMATS = ("json", "json5", "yaml")
+
+
+def _target(kind, path, where, **extra):
+    return dict(kind=kind, path=path, where=where, **extra)
+
+
+def _resolve_kind(name, data, where, errors):
+    """One kind of daemon: the registry's entry with pillar's fields over it,
+    each checked; a name the registry lacks is a kind of pillar's own and
+    needs ``programs``. None when it is unusable (the error is recorded)."""
+    builtin = daemons.KINDS.get(name)
+    if not isinstance(data, dict):
+        errors.append(f"{where} must be a mapping of the fields of a kind of daemon ({', '.join(daemons.FIELDS)}) "
+                      "or null")
+        return None
+    if builtin is None and "programs" not in data:
+        errors.append(
+            f"{where}: unknown key: not a setting of limits ({', '.join(DEFAULTS['limits'])}) nor a kind of daemon "
+            f"this package knows ({', '.join(daemons.KINDS)}); a kind of your own needs `programs: [...]` "
+            "(see pillar.example)")
+        return None
+    data = {daemons.ALIASES.get(k, k): v for k, v in data.items()}
+    errors.unknown(data, daemons.FIELDS, where)
+    kind = {field: None for field in daemons.FIELDS}
+    kind.update(builtin or {})
+    kind.update({k: v for k, v in data.items() if k in daemons.FIELDS})
+    kind["name"] = name
+
+    def names(field, required=False):
+        value = kind[field] or []
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and _PROGRAM.match(v) for v in value) \
+                or (required and not value):
+            errors.append(f"{where}:{field}: {kind[field]!r} must be a list of process names such as ss-server")
+            return []
+        return list(value)
+
+    kind["programs"] = names("programs", required=True)
+    kind["plugins"] = names("plugins")
+    if kind["service"]:
+        kind["service"] = errors.call(validate_service, kind["service"], f"{where}:service")
+    for field in ("pidfile", "defaults_file", "minfds"):
+        if kind[field]:
+            kind[field] = errors.call(validate_path, kind[field], f"{where}:{field}")
+    kind["units"] = _units(kind["units"], f"{where}:units", errors)
+    how = kind["defaults_limit"] or "ulimit"
+    if how != "ulimit" and not (isinstance(how, str) and _FIELD.match(how)):
+        errors.append(f"{where}:defaults_limit: {how!r} must be ulimit or a shell variable name such as MAXFD")
+    kind["defaults_limit"] = how
+    if kind["config_limit"] is not None and not (isinstance(kind["config_limit"], str) and _FIELD.match(kind["config_limit"])):
+        errors.append(f"{where}:config_limit: {kind['config_limit']!r} must be a config key such as nofile")
+    for field in ("raises_soft", "needs_ports"):
+        if not isinstance(kind[field] or False, bool):
+            errors.append(f"{where}:{field}: {kind[field]!r} must be true or false")
+        kind[field] = kind[field] is True
+    if kind["children"] not in (None, "inherit"):
+        errors.append(f"{where}:children: {kind['children']!r} must be inherit or null")
+    kind["configs"] = _configs(kind["configs"], (builtin or {}).get("configs"), f"{where}:configs", errors)
+    if kind["description"] is None:
+        kind["description"] = f"{name} (pillar)"
+    return kind
+
+
+def _configs(value, builtin, where, errors):
+    """{paths, format, ports} of a kind's configs; a list of paths keeps the
+    registry's format and fields."""
+    if value is None:
+        return None
+    if isinstance(value, list) and builtin:
+        value = dict(builtin, paths=value)
+    if not isinstance(value, dict) or set(value) - {"paths", "format", "ports"}:
+        errors.append(f"{where} must be a mapping (paths, format, ports), a list of paths, or null")
+        return None
+    paths = value.get("paths") or []
+    if not isinstance(paths, list):
+        errors.append(f"{where}:paths must be a list of absolute paths (globs allowed)")
+        paths = []
+    paths = [p for p in (errors.call(validate_path, p, f"{where}:paths[{i}]") for i, p in enumerate(paths)) if p]
+    fmt = errors.call(validate_choice, value.get("format", "json"), CONFIG_FORMATS, f"{where}:format")
+    fields = value.get("ports") or []
+    if not isinstance(fields, list) or not all(isinstance(f, str) and f for f in fields):
+        errors.append(f"{where}:ports must be a list of field paths such as server_port or servers[].server_port")
+        fields = []
+    return {"paths": paths, "format": fmt, "ports": fields}
+
+
+def _units(data, where, errors):
+    if not data:
+        return []
+    if isinstance(data, str):
+        data = [data]
+    if not isinstance(data, list):
+        errors.append(f"{where} must be a list of unit names")
+        return []
+    return [u for u in (errors.call(validate_unit, unit, f"{where}[{i}]") for i, unit in enumerate(data)) if u]
+
+
+def _kind_groups(kind, use_systemd, where):
+    """The files of one kind and what to restart when they change."""
+    shell = []
+    if kind["defaults_file"]:
+        how = kind["defaults_limit"]
+        shell.append(_target("ulimit", kind["defaults_file"], f"{where}:defaults_file", placement="end", required=False)
+                     if how == "ulimit" else
+                     _target("assignment", kind["defaults_file"], f"{where}:defaults_file", key=how, required=False))
+    minfds = [_target("minfds", kind["minfds"], f"{where}:minfds", required=False)] if kind["minfds"] else []
+    if not use_systemd:
+        restart = {"name": kind["service"], "pidfile": kind["pidfile"]} if kind["service"] else None
+        return [{"files": shell + minfds, "restart": restart}] if shell or minfds else []
+    # Under systemd the defaults file is not read for the limit (its units
+    # carry it), supervisord's minfds is: it goes with the kind's first unit.
+    groups = [{"files": shell, "restart": None}] if shell else []
+    for index, unit in enumerate(kind["units"]):
+        files = (minfds if index == 0 else []) + [_target("dropin", None, f"{where}:units", unit=unit)]
+        groups.append({"files": files, "restart": {"name": unit, "pidfile": None}})
+    return groups
+
+
+def _init_script_groups(scripts, where, errors):
+    scripts = scripts or []
+    if not isinstance(scripts, list):
+        errors.append(f"{where} must be a list of paths or {{path, service, pidfile}} mappings")
+        return []
+    groups = []
+    for index, item in enumerate(scripts):
+        at = f"{where}[{index}]"
+        item = item if isinstance(item, dict) else {"path": item}
+        errors.unknown(item, INIT_SCRIPT_FIELDS, at)
+        script = errors.call(validate_path, item.get("path"), f"{at}:path")
+        service = item.get("service") or (os.path.basename(script) if script else None)
+        service = errors.call(validate_service, service, f"{at}:service") if service else None
+        pidfile = errors.call(validate_path, item["pidfile"], f"{at}:pidfile") if item.get("pidfile") else None
+        if script:
+            groups.append({"files": [_target("ulimit", script, f"{at}:path", placement="init", required=True)],
+                           "restart": {"name": service, "pidfile": pidfile} if service else None})
+    return groups

@@ -1,8 +1,10 @@
 """
-The sysctl engine: probe each key (writable, absent, read-only, restricted),
-make a congestion control available, plan what to write against the live
-kernel, apply it in one pass with rollback, persist the managed sysctl.d file,
-and verify live and persisted values.
+The sysctl engine: probe each key (writable, absent, read-only, restricted,
+write-only, a directory), make a congestion control available, decide per
+key what to do against the live kernel (``decide``: one decision per key,
+its reason as data, shared by ``plan``, ``verify``, ``explain`` and the
+container engine), apply the writes in one pass with rollback, persist the
+managed sysctl.d file, and verify live and persisted values.
 
 Every function takes resolved settings (``sstuning_settings.resolve``) and
 the minion options (``sstuning_settings.options``) as plain values.
@@ -12,6 +14,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import subprocess
 
 from salt.exceptions import CommandExecutionError, SaltInvocationError
@@ -21,10 +24,10 @@ import sstuning_ports as ports
 import sstuning_procfs as procfs
 import sstuning_sysctld as sysctld
 from sstuning_catalogue import (
-    CATALOGUE, CONGESTION_KEY, RECIPE, RESERVED_PORTS_KEY, SS_PROCESS_NAMES, absent_is_satisfied, keep_higher, parse_ports,
+    CATALOGUE, CONGESTION_KEY, RECIPE, RESERVED_PORTS_KEY, absent_is_satisfied, keep_higher, kept_note, parse_ports,
     ports_text,
 )
-from sstuning_settings import PILLAR
+from sstuning_settings import OPTIONS, PILLAR
 
 MODULES_LOAD_NAME = "shadowsocks-tuning.conf"
 
@@ -54,26 +57,43 @@ def write_error(root, key, text, exc):
 # --------------------------------------------------------------------------
 def probe_key(root, key, wanted=None, child=None, present=None):
     """``{"status", "reason"}`` for one key; ``wanted`` checks a congestion
-    control too; ``present`` says the caller already knows the file exists."""
+    control too; ``present`` says the caller already read a value from it."""
     path = procfs.sysctl_path(root, key)
     spec = CATALOGUE.get(key, {})
     if child is None:
         child = procfs.in_child_netns(root)
-    if not (present or os.path.exists(path)):
-        if "removed" in spec and procfs.kernel_version() >= spec["removed"]:
-            major, minor = spec["removed"]
-            return {"status": "absent", "reason": f"removed from the kernel in Linux {major}.{minor}; this is {os.uname().release}"}
-        if spec.get("scope") == "global" and child:
-            return {"status": "read-only", "reason": "global key, not visible inside this network namespace (container): set it on the host"}
-        return {"status": "absent", "reason": f"this kernel has no {path} (feature or module not loaded)"}
+    if not present:
+        try:
+            info = os.stat(path)
+        except OSError:
+            info = None
+        if info is None:
+            if "removed" in spec and procfs.kernel_version() >= spec["removed"]:
+                major, minor = spec["removed"]
+                return {"status": "absent",
+                        "reason": f"removed from the kernel in Linux {major}.{minor}; this is {os.uname().release}"}
+            if spec.get("scope") == "global" and child:
+                return {"status": "read-only",
+                        "reason": "global key, not visible inside this network namespace (container): set it on the host"}
+            return {"status": "absent", "reason": f"this kernel has no {path} (feature or module not loaded)"}
+        if stat.S_ISDIR(info.st_mode):
+            return {"status": "directory",
+                    "reason": f"{path} is a directory of sysctls, not a setting: name a key inside it "
+                              f"({key}.KEY, e.g. {key}.{_first_entry(path)})"}
+        if not info.st_mode & 0o444:
+            return {"status": "write-only",
+                    "reason": f"{path} can only be written (mode {stat.S_IMODE(info.st_mode):o}): it is a trigger "
+                              "that acts when written, not a setting with a value to keep; remove it from pillar"}
     if not os.access(path, os.W_OK):
         if spec.get("scope") == "global" and child:
-            return {"status": "read-only", "reason": "global key, read-only inside this network namespace (container): set it on the host"}
+            return {"status": "read-only",
+                    "reason": "global key, read-only inside this network namespace (container): set it on the host"}
         return {"status": "read-only", "reason": f"{path} is not writable (read-only /proc/sys or missing privilege)"}
     if key == CONGESTION_KEY:
         available, allowed = _cc_lists(root)
         if wanted is not None and wanted not in available:
-            return {"status": "restricted", "reason": f"'{wanted}' is not available (available: {' '.join(available)}); load tcp_{wanted}"}
+            return {"status": "restricted",
+                    "reason": f"'{wanted}' is not available (available: {' '.join(available)}); load tcp_{wanted}"}
         if wanted is not None and child and wanted not in allowed:
             return {
                 "status": "restricted",
@@ -87,6 +107,18 @@ def probe_key(root, key, wanted=None, child=None, present=None):
     if spec.get("scope") == "global" and child:
         return {"status": "writable", "reason": "writable, but global: from this namespace it changes the whole host"}
     return {"status": "writable", "reason": "writable"}
+
+
+def _first_entry(path):
+    try:
+        return sorted(os.listdir(path))[0]
+    except (OSError, IndexError):
+        return "NAME"
+
+
+# Statuses a key can have that are not a value to set: a write-only key or a
+# directory can never be one, whatever the policy.
+NOT_SETTINGS = ("write-only", "directory")
 
 
 # --------------------------------------------------------------------------
@@ -110,184 +142,311 @@ def modprobe(module, dry_run):
     return True, f"modprobe {module}: {'would load' if dry_run else 'loaded'}"
 
 
-def congestion(root, wanted, fallback, test, child):
-    """Make sure a congestion control can be set. Returns a dict with the
-    value to set (or None), whether a module is (to be) loaded, notes, and an
-    error when it cannot be made available and there is no usable fallback."""
-    out = {"value": wanted, "module": None, "notes": [], "error": None, "status": "writable"}
-    available, allowed = _cc_lists(root)
+def choose_congestion(wanted, fallback, available, allowed, child, load_failure=""):
+    """Which congestion control can be set, from the lists the kernel offers
+    (pure: the apply path loads a module first, a container cannot):
+    ``{"value", "status", "problem", "fallback"}``; ``value`` None when
+    neither the wanted one nor the fallback is usable, ``status`` then
+    ``unavailable`` (not on this kernel) or ``restricted`` (not allowed in
+    this namespace)."""
 
     def usable(name):
         return name in available and (not child or name in allowed)
 
-    load_failure = ""  # said in the problem, not as a note of its own
+    if usable(wanted):
+        return {"value": wanted, "status": "writable", "problem": None, "fallback": None}
+    if wanted in available:
+        problem = (f"'{wanted}' is available but not allowed inside this network namespace "
+                   f"(allowed: {' '.join(allowed)}); set it on the host")
+        status = "restricted"
+    else:
+        problem = f"'{wanted}' is not available (available: {' '.join(available)}); {load_failure}".rstrip("; ")
+        status = "unavailable"
+    if fallback and usable(fallback):
+        return {"value": fallback, "status": "writable", "problem": problem, "fallback": fallback}
+    if fallback:
+        problem += f"; fallback '{fallback}' is not usable either"
+    return {"value": None, "status": status, "problem": problem, "fallback": None}
+
+
+def congestion(root, wanted, fallback, test, child):
+    """``choose_congestion`` after trying to load the wanted module (only a
+    dry run under ``test``): adds ``module`` (loaded or to load) and
+    ``notes``."""
+    available, allowed = _cc_lists(root)
+    module, notes, load_failure = None, [], ""
     if wanted not in available:
-        module = f"tcp_{wanted}"
-        ok, message = modprobe(module, dry_run=test)
+        ok, message = modprobe(f"tcp_{wanted}", dry_run=test)
         if ok:
-            out["notes"].append(message)
-            out["module"] = module
+            notes.append(message)
+            module = f"tcp_{wanted}"
             available = _cc_lists(root)[0] if not test else available + [wanted]
         else:
             load_failure = message
-    if usable(wanted):
+    choice = choose_congestion(wanted, fallback, available, allowed, child, load_failure)
+    choice["module"] = module if choice["value"] == wanted else None
+    choice["notes"] = notes
+    return choice
+
+
+# --------------------------------------------------------------------------
+# One decision per key
+# --------------------------------------------------------------------------
+def decide(key, text, live, probe, settings, persisted=None, cc=None, found=None):
+    """What to do with one key, and why, as data: ``{"key", "action",
+    "live", "wanted", "target", "persist", "why", "detail"}``.
+
+    ``action``: ``set`` (the live value changes), ``in place``, ``kept``
+    (the kernel's value stays: it beats the profile's, ``why``
+    ``kernel-higher``, or the admin chose it where the profile only asks for
+    the kernel's default, ``admin-choice``), ``merged`` (reserved ports),
+    ``satisfied`` (a removed key wanted at 0), the probe's status (``absent``,
+    ``read-only``, ``restricted``) when the key is skipped, or ``error``.
+    ``persist``: the value belongs in the managed file. ``probe`` is
+    ``probe_key``'s answer; ``persisted`` the value the managed file holds;
+    ``cc`` the congestion choice for the congestion key; ``found`` the
+    ports shadowsocks listens on ({port: where}) for the reserved ports.
+    Pure: ``plan`` and the container engine read the kernel and call it."""
+    out = {"key": key, "action": None, "live": live, "wanted": text, "target": None, "persist": False,
+           "why": None, "detail": {}}
+
+    def done(action, target=None, persist=False, why=None, **detail):
+        out.update(action=action, target=target, persist=persist, why=why, detail=detail)
         return out
-    if wanted in available:
-        problem = (
-            f"'{wanted}' is available but not allowed inside this network namespace "
-            f"(allowed: {' '.join(allowed)}); set it on the host"
-        )
-        out["status"] = "restricted"
-    else:
-        problem = f"'{wanted}' is not available (available: {' '.join(available)}); {load_failure}".rstrip("; ")
-        out["status"] = "unavailable"
-    out["module"] = None
-    if fallback and usable(fallback):
-        out["value"] = fallback
-        out["notes"].append(f"{CONGESTION_KEY}: {problem}; using fallback '{fallback}'")
-        out["status"] = "writable"
-        return out
-    if fallback:
-        problem += f"; fallback '{fallback}' is not usable either"
-    out["value"] = None
-    out["problem"] = f"{CONGESTION_KEY}: {problem}"
-    if out["status"] == "unavailable":
-        out["error"] = (
-            f"{out['problem']}. Load tcp_{wanted}, choose another profile (low-latency uses cubic), "
-            f"or set pillar {PILLAR}:congestion_fallback"
-        )
-    return out
+
+    status, forced = probe["status"], key in settings["force"]
+    if status == "absent" and key not in CATALOGUE:
+        return done("error", why="unknown-key", message=(
+            f"{key}: unknown key: not in this package's catalogue and not on this kernel "
+            f"({settings['sources'].get(key, 'pillar')}); check the spelling (`salt-call shadowsocks_tuning.catalogue`)"))
+    if status in NOT_SETTINGS:
+        return done("error", why=status, message=f"{key}: {status}: {probe['reason']}")
+    if status == "absent" and absent_is_satisfied(key, text):
+        return done("satisfied", why="removed", reason=probe["reason"])
+    if status == "writable" and key in settings["kernel_default"] and live != text and not forced:
+        return done("kept", live, why="admin-choice")
+    if status == "writable" and key == CONGESTION_KEY and cc is not None:
+        if cc["value"] is None and cc["status"] == "unavailable":
+            return done("error", why="congestion", message=(
+                f"{CONGESTION_KEY}: {cc['problem']}. Load tcp_{text}, choose another profile (low-latency uses "
+                f"cubic), or set pillar {PILLAR}:congestion_fallback"))
+        if cc["value"] is None:
+            probe = {"status": "restricted", "reason": cc["problem"]}
+            status = "restricted"
+        else:
+            out["wanted"] = text = cc["value"]
+    if status != "writable":
+        if settings["policy"]["keys"].get(key, settings["policy"]["unavailable"]) == "strict":
+            return done("error", why="strict", message=(
+                f"{key}: {status}: {probe['reason']} (policy strict; set pillar {PILLAR}:policy:keys:{key}: "
+                "warn to skip it)"))
+        return done(status, why="skipped", reason=probe["reason"])
+    fallback = {"fallback": cc["fallback"], "problem": cc["problem"]} if cc and cc.get("fallback") else {}
+    if key == RESERVED_PORTS_KEY:
+        found = found or {}
+        merged = parse_ports(live or "") | parse_ports(text) | set(found)
+        target = ports_text(merged)
+        # An empty list needs no line (and `key =` with nothing after it is no value for sysctl).
+        return done("merged", target, persist=bool(target), why="ports", found=dict(found),
+                    added=ports_text(set(found) - parse_ports(live or "")))
+    if forced:
+        return done("in place" if live == text else "set", text, persist=True, why="forced")
+    lower = settings["lower"].get(key)
+    target, kept = keep_higher(key, text, live, lower=bool(lower))
+    if kept and target == live and persisted != target:
+        # The kernel's own (often RAM-derived) value wins: no line pins it for
+        # the next boot. A line this package wrote earlier stays managed.
+        return done("kept", live, why="kernel-higher", kept=list(kept))
+    lowered = bool(lower) and live is not None and target != keep_higher(key, target, live)[0]
+    why = "lowered" if lowered else ("partly-kept" if kept else ("fallback" if fallback else None))
+    return done("in place" if live == target else "set", target, persist=True, why=why, kept=list(kept),
+                lower=lower if lowered else None, **fallback)
+
+
+def describe(decision):
+    """A decision's reason in words (what `explain` and the comments show)."""
+    key, action, why, detail = decision["key"], decision["action"], decision["why"], decision["detail"]
+    live, wanted, target = decision["live"], decision["wanted"], decision["target"]
+    spec = CATALOGUE.get(key, {})
+    if action == "error":
+        return detail["message"].split(f"{key}: ", 1)[-1] if detail["message"].startswith(f"{key}: ") \
+            else detail["message"]
+    if why == "admin-choice":
+        return (f"kept {live} (the profile asks only for the kernel default {wanted}; name it in pillar sysctls "
+                "to replace it)")
+    if why == "kernel-higher":
+        return kept_note(wanted, live, live, detail["kept"])
+    if action == "satisfied" or why == "skipped":
+        return detail["reason"]
+    if why == "ports":
+        found = detail["found"]
+        text = "merged with what is there"
+        if found:
+            text += "; shadowsocks ports: " + ", ".join(f"{port} ({found[port]})" for port in sorted(found))
+        if detail["added"]:
+            text += f"; adds {detail['added']}"
+        return text
+    parts = []
+    if why == "forced":
+        parts.append("forced in pillar")
+    if detail.get("kept"):
+        parts.append(kept_note(wanted, live, target, detail["kept"]))
+    if detail.get("lower"):
+        parts.append(f"lowered on purpose: {detail['lower']}")
+    if detail.get("fallback"):
+        parts.append(f"{detail['problem']}; using fallback '{detail['fallback']}'")
+    if not parts and action == "set":
+        verb = "raises" if spec.get("more") else "changes"
+        parts.append(f"{verb} {live}: {spec.get('doc', 'set by pillar')}")
+    return "; ".join(parts) or spec.get("doc", "")
 
 
 # --------------------------------------------------------------------------
 # Plan
 # --------------------------------------------------------------------------
-def _decide(plan, key, action, live, target=None, reason="", persist=False):
-    """Record what happens to one key (what `explain` shows) and, for a
-    value this package stands behind, the line to persist."""
-    plan["decisions"][key] = {"action": action, "live": live, "target": target, "reason": reason}
-    if persist:
-        plan["values"][key] = target
-    if target is not None and live is not None and live != target:
-        plan["writes"][key] = (live, target)
+def config_ports(options, kinds):
+    """{port: "path (field)"} from the configs of every kind of daemon."""
+    found = {}
+    for name, kind in kinds.items():
+        kind_configs = kind.get("configs")
+        if not kind_configs:
+            continue
+        if name == "shadowsocks_libev" and options["ss_config_dir"] != OPTIONS["ss_config_dir"]:
+            # The minion option of earlier releases moves libev's config directory.
+            kind_configs = dict(kind_configs, paths=[os.path.join(options["ss_config_dir"], "*.json")])
+        for port, where in ports.kind_config_ports(kind_configs).items():
+            found.setdefault(port, where)
+    return found
 
 
-def _reserved_ports(settings, opts, live, text):
-    """Live reserved ports, those the settings name, and every port
-    shadowsocks listens on or is configured for: (target, reason)."""
-    found = ports.config_ports(opts["ss_config_dir"])
-    port_range = procfs.read_or(opts["proc_root"], "net.ipv4.ip_local_port_range", "1 65535").split()
-    wanted_range = settings["sysctls"].get("net.ipv4.ip_local_port_range", "").split() or port_range
-    # Outbound connections take ports from the wider of the live and the wanted range.
-    low, high = min(int(port_range[0]), int(wanted_range[0])), max(int(port_range[1]), int(wanted_range[1]))
-    found.update(ports.listening_ports(set(SS_PROCESS_NAMES), (low, high)))
-    merged = parse_ports(live or "") | parse_ports(text) | set(found)
-    added = sorted(set(found) - parse_ports(live or ""))
-    reason = "merged with what is there"
-    if found:
-        reason += "; shadowsocks ports: " + ", ".join(f"{port} ({found[port]})" for port in sorted(found))
-    if added:
-        reason += f"; adds {ports_text(added)}"
-    return ports_text(merged), reason
+def _found_ports(settings, options, live_range, kinds, table):
+    """Every port shadowsocks listens on or is configured for, {port: where}:
+    the configs of every kind of daemon, and the listening sockets of its
+    processes inside the outbound range (the wider of the live and the
+    wanted one: outbound connections take ports from it)."""
+    found = config_ports(options, kinds)
+    wanted_range = settings["sysctls"].get("net.ipv4.ip_local_port_range", "").split() or live_range
+    low = min(int(live_range[0]), int(wanted_range[0]))
+    high = max(int(live_range[1]), int(wanted_range[1]))
+    names = set()
+    for kind in kinds.values():
+        names.update(kind["programs"])
+    for port, where in ports.listening_ports(names, (low, high), table).items():
+        found.setdefault(port, where)
+    return found
 
 
-def _plan(settings, opts, test):
-    """Compare wanted and live values; decide, per key, what to write, what is
-    kept and why, what is skipped and why. Reads only (modprobe aside, which
-    is only dry-run under test)."""
-    root = opts["proc_root"]
-    force = set(settings["force"])
-    child = procfs.in_child_netns(root)
+def check_config(settings, options):
+    """The persisted file must be one that the boot-time readers read
+    (``sysctl --system`` and ``systemd-sysctl``: ``*.conf`` directly in one of
+    their directories) and that no other program owns (a package's conffile):
+    otherwise the file is refused before anything is written, unless pillar
+    ``config_outside_boot`` says it is meant to be read some other way."""
     config = settings["config"]
-    try:
-        persisted = {key: value for _, key, value in sysctld.parse_conf(journal.read_managed(config) or "")}
-    except CommandExecutionError:
-        persisted = {}  # prepare reports it
+    where = f"pillar {PILLAR}:config"
+    if settings.get("config_outside_boot"):
+        return [], [f"{config} is outside the files `sysctl --system` reads at boot (config_outside_boot: true): "
+                    "the tuning is live now and persisted only for whatever reads that file"]
+    directory = os.path.dirname(config)
+    admin = options["sysctl_dirs"][0] if options["sysctl_dirs"] else "/etc/sysctl.d"
+    if os.path.normpath(directory) != os.path.normpath(admin):
+        return [f"{where}: {config} is not read at boot: `sysctl --system` and systemd-sysctl read *.conf files "
+                f"directly in {', '.join(options['sysctl_dirs'])} (and {options['sysctl_conf']}); the admin's "
+                f"directory is {admin}: put it there (e.g. {admin}/local.conf), or set pillar "
+                f"{PILLAR}:config_outside_boot: true to persist it in a file boot does not read"], []
+    owner = journal.package_conffile(config)
+    if owner:
+        return [f"{where}: {config} belongs to the {owner} package (a conffile its upgrades manage): pick a file "
+                f"of your own in {admin}, e.g. {admin}/local.conf"], []
+    return [], []
+
+
+def plan(settings, options, test, kinds=None, table=None):
+    """Everything ``apply`` would do, read but not written: ``{"decisions",
+    "changes", "comment", "errors", "profile", "writes", "config_text",
+    "modules_load"}``. ``kinds``: the kinds of daemon whose ports are
+    reserved (settings' by default); ``table``: the process table of this
+    run (``procfs.process_table``), read when needed and not given."""
+    root, config = options["proc_root"], settings["config"]
+    kinds = settings["limits"]["kinds"] if kinds is None else kinds
+    errors, notes = check_config(settings, options)
+    old_conf = None
+    # Following a link would copy the target's lines into a 0644 file (and a
+    # link in a world-writable directory can point anywhere).
+    for path, where in ((config, f"pillar {PILLAR}:config"),
+                        (os.path.join(options["modules_load_dir"], MODULES_LOAD_NAME),
+                         "minion option shadowsocks_tuning.modules_load_dir")):
+        try:
+            text = journal.read_managed(path)
+        except (CommandExecutionError, OSError) as exc:
+            errors.append(f"{where}: {journal.describe_error(path, exc)}")
+            continue
+        if path == config:
+            old_conf = text
+    if errors:
+        return {"errors": errors, "changes": {}, "comment": notes, "profile": settings["profile"], "decisions": {},
+                "writes": {}, "config_text": None, "modules_load": None}
+    persisted = {key: value for _, key, value in sysctld.parse_conf(old_conf or "")}
+    child = procfs.in_child_netns(root)
     # A read-only /proc/sys mount says nothing about the kernel that reads the
     # file at boot: its keys are reported, their persisted lines left alone.
     proc_read_only = procfs.read_only_mount(root)
-    plan = {
-        "writes": {},      # key -> (old, new)
-        "values": {},      # key -> value to persist
-        "dropped": {},     # key -> why its line is commented out
-        "decisions": {},   # key -> {action, live, target, reason}
-        "kept": [], "lowered": [], "skipped": [], "satisfied": [], "notes": [], "errors": [],
-        "module": None,
-    }
+    decisions, module = {}, None
     for key, text in settings["sysctls"].items():
         try:
             live = procfs.read(root, key)
         except OSError:
             live = None
-        status = probe_key(root, key, None, child, present=live is not None)
-        if status["status"] == "absent" and key not in CATALOGUE:
-            message = (f"{key}: unknown key: not in this package's catalogue and not on this kernel "
-                       f"({settings['sources'][key]}); check the spelling (`salt-call shadowsocks_tuning.catalogue`)")
-            plan["errors"].append(message)
-            _decide(plan, key, "error", live, reason=message)
-            continue
-        if status["status"] == "absent" and absent_is_satisfied(key, text):
-            plan["satisfied"].append(f"{key}: wanted {text}, and the kernel has no such key ({status['reason']})")
-            plan["dropped"][key] = "absent on this kernel"
-            _decide(plan, key, "satisfied", live, reason=status["reason"])
-            continue
-        if status["status"] == "writable" and key in settings["kernel_default"] and live != text and key not in force:
-            # The profile only asks for the kernel's default; this value was someone's choice.
-            note = f"{key}: kept {live} (the profile asks only for the kernel default {text}; name it in pillar sysctls to replace it)"
-            plan["kept"].append(note)
-            _decide(plan, key, "kept", live, live, note.split(": ", 1)[1])
-            continue
-        if status["status"] == "writable" and key == CONGESTION_KEY:
+        probe = probe_key(root, key, None, child, present=live is not None)
+        cc = found = None
+        if probe["status"] == "writable" and key == CONGESTION_KEY:
             cc = congestion(root, text, settings["congestion_fallback"], test, child)
-            plan["notes"].extend(cc["notes"])
-            if cc["error"]:
-                plan["errors"].append(cc["error"])
-                _decide(plan, key, "error", live, reason=cc["error"])
-                continue
-            if cc["value"] is None:
-                status = {"status": "restricted", "reason": cc["problem"].split(": ", 1)[1]}
-            else:
-                text = cc["value"]
-                plan["module"] = cc["module"]
-        if status["status"] != "writable":
-            message = f"{key}: {status['status']}: {status['reason']}"
-            if settings["policy"]["keys"].get(key, settings["policy"]["unavailable"]) == "strict":
-                plan["errors"].append(message + f" (policy strict; set pillar {PILLAR}:policy:keys:{key}: warn to skip it)")
-            else:
-                plan["skipped"].append(message)
-                if not proc_read_only:
-                    plan["dropped"][key] = status["status"]
-            _decide(plan, key, status["status"], live, reason=status["reason"])
-            continue
-        if key == RESERVED_PORTS_KEY:
-            target, reason = _reserved_ports(settings, opts, live, text)
-            # An empty list needs no line (and `key =` with nothing after it is no value for sysctl).
-            _decide(plan, key, "merged", live, target, reason, persist=bool(target))
-            continue
-        if key in force:
-            _decide(plan, key, "set", live, text, "forced in pillar", persist=True)
-            continue
-        lower = settings["lower"].get(key)
-        target, kept = keep_higher(key, text, live, lower=bool(lower))
-        if kept and target == live and persisted.get(key) != target:
-            # The kernel's own (often RAM-derived) value wins: no line pins it
-            # for the next boot. A line this package wrote earlier stays managed.
-            plan["kept"].append(kept)
-            _decide(plan, key, "kept", live, live, kept.split(": ", 1)[1])
-            continue
-        if kept:
-            plan["kept"].append(kept)
-        reason = kept.split(": ", 1)[1] if kept else ""
-        if lower and live is not None and target != keep_higher(key, target, live)[0]:
-            plan["lowered"].append(f"{key}: {live} -> {target}: {lower}")
-            reason = "; ".join(filter(None, [reason, f"lowered on purpose: {lower}"]))
-        _decide(plan, key, "set", live, target, reason, persist=True)
-    return plan
+            notes.extend(cc["notes"])
+            module = cc["module"]
+        if probe["status"] == "writable" and key == RESERVED_PORTS_KEY:
+            live_range = procfs.read_or(root, "net.ipv4.ip_local_port_range", "1 65535").split()
+            found = _found_ports(settings, options, live_range, kinds, table)
+        decisions[key] = decide(key, text, live, probe, settings, persisted.get(key), cc, found)
+    writes = {k: (d["live"], d["target"]) for k, d in decisions.items()
+              if d["target"] is not None and d["live"] is not None and d["live"] != d["target"]}
+    values = {k: d["target"] for k, d in decisions.items() if d["persist"]}
+    dropped = {}
+    for key, d in decisions.items():
+        if d["action"] == "satisfied":
+            dropped[key] = "absent on this kernel"
+        elif d["why"] == "skipped" and not proc_read_only:
+            dropped[key] = d["action"]
+    errors.extend(d["detail"]["message"] for d in decisions.values() if d["action"] == "error")
+    changes = {key: {"old": old, "new": new} for key, (old, new) in writes.items()}
+    new_conf = sysctld.render_conf(old_conf, values, dropped, settings["profile"])
+    # Nothing to persist and no file yet: do not create an empty one.
+    conf_change = journal.file_change(config, new_conf, old_conf) if new_conf or old_conf is not None else None
+    if conf_change:
+        changes[config] = {"diff": conf_change["diff"]}
+    modules_path, modules_text = _modules_load(options["modules_load_dir"], module)
+    if modules_text is not None:
+        changes[modules_path] = {"diff": journal.file_change(modules_path, modules_text)["diff"]}
+    overridden, boot_note = sysctld.overrides(options["sysctl_dirs"], options["sysctl_conf"], config, values)
+    if overridden and settings["policy"]["override"] == "strict":
+        errors.extend(
+            f"{key}: {path}:{line} sets {value} and is read after {config} at boot (policy override: strict)"
+            for key, (path, line, value) in overridden.items()
+        )
+    return {
+        "decisions": decisions,
+        "changes": changes,
+        "comment": summary(decisions, notes, overridden, boot_note, len(writes)),
+        "errors": errors,
+        "profile": settings["profile"],
+        "writes": writes,
+        "config_text": new_conf if conf_change else None,
+        "modules_load": (modules_path, modules_text) if modules_text is not None else None,
+    }
 
 
-def managed_paths(settings, opts):
+def managed_paths(settings, options):
     """The files the sysctl half manages (``clean`` puts back no other)."""
-    return {settings["config"], os.path.join(opts["modules_load_dir"], MODULES_LOAD_NAME)}
+    return {settings["config"], os.path.join(options["modules_load_dir"], MODULES_LOAD_NAME)}
 
 
 def _modules_load(modules_load_dir, module):
@@ -301,19 +460,27 @@ def _modules_load(modules_load_dir, module):
     return path, old + ("" if not old or old.endswith("\n") else "\n") + f"{module}\n"
 
 
-def _summary(plan, overridden, boot_note):
-    parts = []
-    if plan["writes"]:
-        parts.append(f"{len(plan['writes'])} sysctl(s) to change")
-    parts.extend(plan["notes"])
-    if plan["kept"]:
-        parts.append("kept, never made worse than this kernel has it (not persisted): " + "; ".join(plan["kept"]))
-    if plan["lowered"]:
-        parts.append("lowered on purpose: " + "; ".join(plan["lowered"]))
-    if plan["satisfied"]:
-        parts.append("satisfied: " + "; ".join(plan["satisfied"]))
-    if plan["skipped"]:
-        parts.append("skipped: " + "; ".join(plan["skipped"]))
+def summary(decisions, notes, overridden, boot_note, writes):
+    """The comment lines of a plan, from its decisions."""
+    parts = [f"{writes} sysctl(s) to change"] if writes else []
+    parts.extend(notes)
+    kept = [f"{k}: {describe(d)}" for k, d in decisions.items() if d["action"] == "kept" or d["why"] == "partly-kept"]
+    lowered = [f"{k}: {d['live']} -> {d['target']}: {d['detail']['lower']}" for k, d in decisions.items()
+               if d["why"] == "lowered"]
+    satisfied = [f"{k}: wanted {d['wanted']}, and the kernel has no such key ({d['detail']['reason']})"
+                 for k, d in decisions.items() if d["action"] == "satisfied"]
+    skipped = [f"{k}: {d['action']}: {d['detail']['reason']}" for k, d in decisions.items() if d["why"] == "skipped"]
+    fallback = [f"{k}: {d['detail']['problem']}; using fallback '{d['detail']['fallback']}'"
+                for k, d in decisions.items() if d["detail"].get("fallback")]
+    parts.extend(fallback)
+    if kept:
+        parts.append("kept, never made worse than this kernel has it (not persisted): " + "; ".join(kept))
+    if lowered:
+        parts.append("lowered on purpose: " + "; ".join(lowered))
+    if satisfied:
+        parts.append("satisfied: " + "; ".join(satisfied))
+    if skipped:
+        parts.append("skipped: " + "; ".join(skipped))
     for key, (path, line, value) in overridden.items():
         parts.append(f"overridden at boot: {key} = {value} in {path}:{line} wins over the managed file")
     if boot_note:
@@ -321,97 +488,46 @@ def _summary(plan, overridden, boot_note):
     return parts
 
 
-def prepare(settings, opts, test):
-    """Everything apply would do, read but not written: ``{"changes",
-    "comment", "errors", "profile", ...}`` plus the texts to write."""
-    config = settings["config"]
-    # Following a link would copy the target's lines into a 0644 file (and a
-    # link in a world-writable directory can point anywhere).
-    errors = []
-    for path, where in ((config, f"pillar {PILLAR}:config"),
-                        (os.path.join(opts["modules_load_dir"], MODULES_LOAD_NAME),
-                         "minion option shadowsocks_tuning.modules_load_dir")):
-        try:
-            text = journal.read_managed(path)
-        except CommandExecutionError as exc:
-            errors.append(f"{where}: {exc}")
-        if path == config:
-            old_conf = None if errors else text
-    if errors:
-        return {"errors": errors, "changes": {}, "comment": [], "profile": settings["profile"]}
-    plan = _plan(settings, opts, test)
-    changes = {key: {"old": old, "new": new} for key, (old, new) in plan["writes"].items()}
-    new_conf = sysctld.render_conf(old_conf, plan["values"], plan["dropped"], settings["profile"])
-    # Nothing to persist and no file yet: do not create an empty one.
-    conf_change = journal.file_change(config, new_conf, old_conf) if new_conf or old_conf is not None else None
-    if conf_change:
-        changes[config] = {"diff": conf_change["diff"]}
-    modules_path, modules_text = _modules_load(opts["modules_load_dir"], plan["module"])
-    if modules_text is not None:
-        changes[modules_path] = {"diff": journal.file_change(modules_path, modules_text)["diff"]}
-    overridden, boot_note = sysctld.overrides(opts["sysctl_dirs"], opts["sysctl_conf"], config, plan["values"])
-    errors = list(plan["errors"])
-    if overridden and settings["policy"]["override"] == "strict":
-        errors.extend(
-            f"{key}: {path}:{line} sets {value} and is read after {config} at boot (policy override: strict)"
-            for key, (path, line, value) in overridden.items()
-        )
-    return {
-        "changes": changes,
-        "comment": _summary(plan, overridden, boot_note),
-        "errors": errors,
-        "profile": settings["profile"],
-        "writes": plan["writes"],
-        "config_text": new_conf if conf_change else None,
-        "modules_load": (modules_path, modules_text) if modules_text is not None else None,
-    }
-
-
-def apply(settings, opts, prepared, originals=None):
-    """Write what ``prepare`` found, in one pass, then persist atomically. All
+def apply(settings, options, planned, originals=None):
+    """Write what ``plan`` found, in one pass, then persist atomically. All
     or nothing: if the kernel rejects one value, the keys already written are
     put back and nothing is persisted. Call under the journal lock;
     ``originals``: the record as ``journal.load_originals`` read it under
     that lock (read here when not given)."""
-    root, state_dir, config = opts["proc_root"], opts["state_dir"], settings["config"]
-    if not prepared["changes"]:
-        return prepared
-    files = [config] + ([prepared["modules_load"][0]] if prepared["modules_load"] else [])
+    root, state_dir, config = options["proc_root"], options["state_dir"], settings["config"]
+    if not planned["changes"]:
+        return planned
+    files = [config] + ([planned["modules_load"][0]] if planned["modules_load"] else [])
+    written = {config: planned["config_text"]} if planned["config_text"] is not None else {}
+    if planned["modules_load"]:
+        written[planned["modules_load"][0]] = planned["modules_load"][1]
+    journal.remember(state_dir, journal.load_originals(state_dir) if originals is None else originals,
+                     {k: old for k, (old, _) in planned["writes"].items()}, files, written)
+    done = []
     try:
-        written = {config: prepared["config_text"]} if prepared["config_text"] is not None else {}
-        if prepared["modules_load"]:
-            written[prepared["modules_load"][0]] = prepared["modules_load"][1]
-        journal.remember(state_dir, journal.load_originals(state_dir) if originals is None else originals,
-                         {k: old for k, (old, _) in prepared["writes"].items()}, files, written)
-    except OSError as exc:
-        raise CommandExecutionError(
-            f"cannot save the original values in {state_dir}: {exc.strerror or exc}; nothing was changed"
-        )
-    written = []
-    try:
-        for key, (old, new) in prepared["writes"].items():
+        for key, (old, new) in planned["writes"].items():
             try:
                 procfs.write(root, key, new)
             except OSError as exc:
                 raise CommandExecutionError(write_error(root, key, new, exc))
-            written.append((key, old))
+            done.append((key, old))
         # Root-owned 0644 whatever the files were: their lines run as root at
         # boot. Not fsynced: the saved originals are (they alone cannot be
         # recomputed); these files are rewritten by the next run, and a power
         # cut before the journal commit brings back the old (or no) file,
         # whose values the kernel then boots with.
-        if prepared["config_text"] is not None:
-            journal.atomic_write(config, prepared["config_text"], mode=0o644, durable=False)
-        if prepared["modules_load"]:
-            journal.atomic_write(*prepared["modules_load"], mode=0o644, durable=False)
-    except (CommandExecutionError, OSError) as exc:
-        failed = _rollback(root, written)
-        message = exc if isinstance(exc, CommandExecutionError) else f"cannot persist {config}: {exc}"
+        for path, text in written.items():
+            try:
+                journal.atomic_write(path, text, mode=0o644, durable=False)
+            except OSError as exc:
+                raise CommandExecutionError(f"cannot persist {journal.describe_error(path, exc)}")
+    except CommandExecutionError as exc:
+        failed = _rollback(root, done)
         tail = f"; could not put back: {', '.join(failed)}" if failed else ""
         raise CommandExecutionError(
-            f"{message}. Put back {len(written) - len(failed)} key(s) already written; nothing persisted{tail}"
+            f"{exc}. Put back {len(done) - len(failed)} key(s) already written; nothing persisted{tail}"
         )
-    return prepared
+    return planned
 
 
 def _rollback(root, written):
@@ -427,16 +543,21 @@ def _rollback(root, written):
 def set_key(root, key, text, force):
     """Write one normalised value now (not persisted): ``{"old", "new"}``.
     A capacity key is not lowered unless ``force``."""
+    probe = probe_key(root, key)
+    if probe["status"] in NOT_SETTINGS:
+        raise CommandExecutionError(f"{key}: cannot set '{text}': {probe['reason']}")
     try:
         old = procfs.read(root, key)
     except FileNotFoundError:
         if absent_is_satisfied(key, text):
-            return {"old": None, "new": None, "comment": probe_key(root, key)["reason"]}
-        raise CommandExecutionError(f"{key}: cannot set '{text}': {probe_key(root, key)['reason']}")
+            return {"old": None, "new": None, "comment": probe["reason"]}
+        raise CommandExecutionError(f"{key}: cannot set '{text}': {probe['reason']}")
+    except OSError as exc:
+        raise CommandExecutionError(f"{key}: cannot read it: {exc.strerror or exc}")
     if key == CONGESTION_KEY and text != old:
         cc = congestion(root, text, None, False, procfs.in_child_netns(root))
         if cc["value"] is None:
-            raise CommandExecutionError(cc["error"] or cc["problem"])
+            raise CommandExecutionError(f"{CONGESTION_KEY}: {cc['problem']}")
     target, kept = keep_higher(key, text, old)
     if kept and not force:
         raise SaltInvocationError(f"{key}: refusing to lower {old} to {text}: it is a capacity limit; pass force=True")
@@ -452,56 +573,51 @@ def set_key(root, key, text, force):
 # --------------------------------------------------------------------------
 # Verify
 # --------------------------------------------------------------------------
-def verify(settings, opts):
-    """Per key ``ok``, ``drift``, ``absent``, ``read-only``, ``restricted``,
-    ``error`` or ``overridden``, judged by the same plan ``apply`` follows:
+def verify(settings, options, planned=None):
+    """Per key ``ok``, ``drift``, ``absent``, ``read-only``, ``restricted``
+    or ``overridden``, judged by the same decisions ``apply`` follows:
     ``{"ok", "problems", "keys"}``."""
     config = settings["config"]
-    plan = _plan(settings, opts, test=True)
+    planned = planned or plan(settings, options, test=True)
     persisted = {key: value for _, key, value in sysctld.parse_conf(journal.read_managed(config) or "")}
     report = {}
-    for key, decision in plan["decisions"].items():
+    for key, decision in planned["decisions"].items():
         action, live, target = decision["action"], decision["live"], decision["target"]
         entry = {"status": "ok", "wanted": target if target is not None else settings["sysctls"][key], "live": live,
-                 "reason": decision["reason"]}
+                 "reason": describe(decision)}
         if action in ("absent", "read-only", "restricted", "error"):
             entry["status"] = action if action != "error" else "restricted"
         elif action != "satisfied" and live != target:
             entry.update(status="drift", reason=f"live value {live} differs from {target}")
-        elif key in plan["values"]:
+        elif decision["persist"]:
             entry["persisted"] = persisted.get(key)
             if persisted.get(key) != target:
                 entry.update(status="drift", reason=f"{config} has {persisted.get(key)!r}, expected {target}")
         report[key] = entry
-    overridden, _ = sysctld.overrides(opts["sysctl_dirs"], opts["sysctl_conf"], config, plan["values"])
+    values = {k: d["target"] for k, d in planned["decisions"].items() if d["persist"]}
+    overridden, _ = sysctld.overrides(options["sysctl_dirs"], options["sysctl_conf"], config, values)
     for key, (path, line, value) in overridden.items():
         report[key].update(status="overridden", reason=f"{path}:{line} sets {value} and is read later at boot")
     bad = sorted(k for k, v in report.items() if v["status"] in ("drift", "overridden"))
     return {"ok": not bad, "problems": bad, "keys": report}
 
 
-def explain(settings, opts):
+def explain(settings, options, planned=None):
     """Per key of the recipe and the profile: the recipe's value, the live
     value, what the profile does here and why (a dry run: nothing written)."""
-    plan = _plan(settings, opts, test=True)
+    planned = planned or plan(settings, options, test=True)
     out = {}
     for key in list(RECIPE) + [k for k in settings["sysctls"] if k not in RECIPE]:
-        decision = plan["decisions"].get(key)
+        decision = planned["decisions"].get(key)
         if decision is None:
-            live = procfs.read_or(opts["proc_root"], key)
+            live = procfs.read_or(options["proc_root"], key)
             out[key] = {"recipe": RECIPE.get(key), "live": live, "profile": None, "action": "not managed",
                         "result": live, "reason": f"profile {settings['profile']} does not set it"}
             continue
-        action, reason = decision["action"], decision["reason"]
-        if action == "set" and decision["live"] == decision["target"]:
-            action = "in place"
-        elif action == "set" and not reason:
-            verb = "raises" if CATALOGUE.get(key, {}).get("more") else "changes"
-            reason = f"{verb} {decision['live']}: {CATALOGUE.get(key, {}).get('doc', 'set by pillar')}"
         out[key] = {
             "recipe": RECIPE.get(key), "live": decision["live"], "profile": settings["sysctls"].get(key),
-            "action": action, "result": decision["target"] if decision["target"] is not None else decision["live"],
-            "reason": reason or CATALOGUE.get(key, {}).get("doc", ""),
-            "persisted": key in plan["values"],
+            "action": decision["action"],
+            "result": decision["target"] if decision["target"] is not None else decision["live"],
+            "reason": describe(decision), "persisted": decision["persist"],
         }
     return out

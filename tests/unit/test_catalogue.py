@@ -100,35 +100,40 @@ def test_describe_shows_removal_versions_as_text():
 # keep_higher: one rule for capacity sysctls and open-file limits in files
 # --------------------------------------------------------------------------
 def test_a_capacity_sysctl_is_only_raised():
-    assert catalogue.keep_higher("fs.file-max", "51200", "2466177") == (
-        "2466177", "fs.file-max: kept 2466177 (the profile's 51200 would be less)")
-    assert catalogue.keep_higher("fs.file-max", "51200", "8192") == ("51200", None)
-    assert catalogue.keep_higher("net.core.somaxconn", "4096", "4096") == ("4096", None)
+    assert catalogue.keep_higher("fs.file-max", "51200", "2466177") == ("2466177", ("2466177",))
+    assert catalogue.kept_note("51200", "2466177", "2466177", ("2466177",)) == (
+        "kept 2466177 (the profile's 51200 would be less)")
+    assert catalogue.keep_higher("fs.file-max", "51200", "8192") == ("51200", ())
+    assert catalogue.keep_higher("net.core.somaxconn", "4096", "4096") == ("4096", ())
 
 
 def test_a_key_that_is_not_a_capacity_is_lowered_as_asked():
     assert not catalogue.CATALOGUE["net.ipv4.tcp_fin_timeout"].get("more")
-    assert catalogue.keep_higher("net.ipv4.tcp_fin_timeout", "30", "60") == ("30", None)
-    assert catalogue.keep_higher("vm.swappiness", "10", "60") == ("10", None)  # outside the catalogue
+    assert catalogue.keep_higher("net.ipv4.tcp_fin_timeout", "30", "60") == ("30", ())
+    assert catalogue.keep_higher("vm.swappiness", "10", "60") == ("10", ())  # outside the catalogue
 
 
 def test_every_field_of_a_buffer_triple_is_kept_at_the_higher_value():
     assert catalogue.keep_higher("net.ipv4.tcp_rmem", "4096 87380 4194304", "4096 131072 33554432") == (
-        "4096 131072 33554432", "net.ipv4.tcp_rmem: kept 4096 131072 33554432 (the profile's 4096 87380 4194304 would be less)")
+        "4096 131072 33554432", ("default 131072", "max 33554432"))
     # Each field on its own: the higher max of the profile, the higher min and default of the kernel.
-    assert catalogue.keep_higher("net.ipv4.tcp_rmem", "4096 87380 67108864", "8192 131072 33554432") == (
-        "8192 131072 67108864",
-        "net.ipv4.tcp_rmem: kept min 8192, default 131072 of 8192 131072 33554432 (the profile's 4096 87380 67108864 would be less)")
+    target, kept = catalogue.keep_higher("net.ipv4.tcp_rmem", "4096 87380 67108864", "8192 131072 33554432")
+    assert (target, kept) == ("8192 131072 67108864", ("min 8192", "default 131072"))
+    assert catalogue.kept_note("4096 87380 67108864", "8192 131072 33554432", target, kept) == (
+        "kept min 8192, default 131072 of 8192 131072 33554432 (the profile's 4096 87380 67108864 would be less)")
 
 
-def test_no_key_means_a_plain_open_file_limit_in_a_file():
-    assert catalogue.keep_higher(None, "16384", "32768") == ("32768", "kept 32768 (the profile's 16384 would be less)")
-    assert catalogue.keep_higher(None, "65536", "32768") == ("65536", None)
-    assert catalogue.keep_higher(None, "16384", None) == ("16384", None)  # nothing in the file yet
+def test_no_key_means_plain_numbers_higher_is_more():
+    assert catalogue.keep_higher(None, "16384", "32768") == ("32768", ("32768",))
+    assert catalogue.keep_higher(None, "65536", "32768") == ("65536", ())
+    assert catalogue.keep_higher(None, "16384", None) == ("16384", ())  # nothing in the file yet
+    # soft and hard of an open-file limit, each on its own
+    assert catalogue.keep_higher(None, "16384 16384", "1024 19000", directions=(catalogue.UP, catalogue.UP)) == (
+        "16384 19000", ("high 19000",))
 
 
 @pytest.mark.parametrize("key, live", [(None, "${MAXFD}"), (None, "unlimited"), ("fs.file-max", "lots"),
                                        ("net.ipv4.tcp_rmem", "4096 87380 x")])
 def test_a_live_value_that_is_not_a_number_gives_the_wanted_one(key, live):
     wanted = "4096 87380 4194304" if key == "net.ipv4.tcp_rmem" else "16384"
-    assert catalogue.keep_higher(key, wanted, live) == (wanted, None)
+    assert catalogue.keep_higher(key, wanted, live) == (wanted, ())

@@ -76,9 +76,27 @@ def test_compose_parses_into_sysctls_and_ulimits_of_the_service():
     out = run("compose", {"nofile": 16384}, service="ss-libev")
     assert yaml.safe_load(out["text"]) == {"services": {"ss-libev": {
         "sysctls": out["sysctls"],
-        "ulimits": {"nofile": {"soft": 16384, "hard": 16384}},
+        # never below the runtime's own default hard limit
+        "ulimits": {"nofile": {"soft": 16384, "hard": container.RUNTIME_NOFILE[1]}},
     }}}
     assert "#   net.core.rmem_max = 67108864" in out["text"]
+
+
+def test_a_daemon_that_raises_its_own_soft_limit_needs_only_the_hard_one():
+    kinds = resolve({})["limits"]["kinds"]
+    # shadowsocks-rust and the Go servers raise soft to hard at start: the
+    # runtime's default hard limit already gives them more than 16384.
+    out = run("compose", {"nofile": 16384}, kind=kinds["shadowsocks_rust"])
+    assert "ulimits" not in yaml.safe_load(out["text"])["services"]["shadowsocks"]
+    assert out["ulimits"] is None
+    assert any("raises its soft limit to its hard limit by itself" in note for note in out["notes"])
+    # above that default, only the hard limit is raised (soft follows it at start)
+    out = run("docker", {"nofile": 600000}, kind=kinds["xray"])
+    assert "--ulimit nofile=600000:600000" in out["text"]
+    # a daemon that does not raise its own soft limit gets both, never below the runtime's
+    out = run("docker", {"nofile": 600000}, kind=kinds["shadowsocks_libev"])
+    assert "--ulimit nofile=600000:600000" in out["text"]
+    assert container.ulimits(16384, False) == (16384, container.RUNTIME_NOFILE[1])
 
 
 def test_docker_run_carries_every_pair_and_the_ulimit():
@@ -88,7 +106,7 @@ def test_docker_run_carries_every_pair_and_the_ulimit():
     assert argv[:2] == ["docker", "run"] and argv[-2:] == ["IMAGE", "[COMMAND]"]
     pairs = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--sysctl"]
     assert dict(pair.split("=", 1) for pair in pairs) == out["sysctls"]
-    assert argv[argv.index("--ulimit") + 1] == "nofile=20000:20000"
+    assert argv[argv.index("--ulimit") + 1] == f"nofile=20000:{container.RUNTIME_NOFILE[1]}"
     # bbr is allowed in a child namespace here, and the profile asks for it
     assert out["sysctls"]["net.ipv4.tcp_congestion_control"] == "bbr"
     assert out["sysctls"]["net.ipv4.tcp_notsent_lowat"] == "16384"
@@ -125,7 +143,8 @@ def test_a_congestion_control_a_container_cannot_set_is_left_out():
     assert any("using fallback 'bbr'" in note for note in out["notes"])
     # cubic is loaded but not in tcp_allowed_congestion_control
     out = run(tuning={"sysctls": {"net.ipv4.tcp_congestion_control": "cubic"}})
-    assert "not in net.ipv4.tcp_allowed_congestion_control" in out["left_out"]["net.ipv4.tcp_congestion_control"]
+    assert "'cubic' is available but not allowed inside this network namespace (allowed: reno bbr)" in (
+        out["left_out"]["net.ipv4.tcp_congestion_control"])
 
 
 def test_reserved_ports_come_from_pillar_and_the_shadowsocks_configs():

@@ -12,12 +12,14 @@ import time
 
 import pytest
 
+import sstuning_daemons as daemons
 import sstuning_limits as limits
 import sstuning_procfs as procfs
 from support import ssrig
 from support.common import kill_started_from
 
-NAMES = limits.process_names(None)
+NAMES = daemons.program_names()
+PARENTS = daemons.server_names()
 
 
 def wait_for(predicate, timeout=10):

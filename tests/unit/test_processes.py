@@ -11,11 +11,13 @@ import time
 import pytest
 from salt.exceptions import CommandExecutionError, SaltInvocationError
 
+import sstuning_daemons as daemons
 import sstuning_limits as limits
 import sstuning_procfs as procfs
 import sstuning_services as services
 
-NAMES = limits.process_names(None)
+NAMES = daemons.program_names()
+PARENTS = daemons.server_names()
 
 
 def wait_until_exec(pid, program, timeout=10):
@@ -57,7 +59,6 @@ def test_nr_open_is_read_from_the_kernel():
     ],
 )
 def test_process_names(comm, argv, expected):
-    assert NAMES == {limits.SUPERVISORD_NAME, *limits.SS_PROCESS_NAMES}
     assert procfs.match_name(comm, argv, NAMES) == expected
 
 

@@ -8,6 +8,7 @@ import pytest
 import yaml
 from salt.exceptions import SaltInvocationError
 
+import sstuning_daemons as daemons
 import sstuning_settings as settings_mod
 from sstuning_catalogue import CATALOGUE, PROFILES, RECIPE, normalise
 from sstuning_settings import DEFAULTS, resolve
@@ -172,25 +173,30 @@ def test_limits_pillar_errors_are_all_collected():
         assert fragment in text, (fragment, text)
 
 
-def test_defaults_come_from_defaults():
+def test_defaults_come_from_defaults_and_the_registry():
     settings = resolve({})
+    limits = settings["limits"]
     assert settings["nofile"] == DEFAULTS["nofile"]
-    assert settings["verify"] == {"pidfiles": [], "wait": DEFAULTS["limits"]["verify"]["wait"]}
+    assert limits["verify"] == {"pidfiles": [], "wait": DEFAULTS["limits"]["verify"]["wait"]}
     assert settings["profile"] == DEFAULTS["profile"]
     assert settings["config"] == DEFAULTS["config"]
-    assert settings["restart"] == DEFAULTS["limits"]["restart"]
-    assert settings["timeout"] == DEFAULTS["limits"]["timeout"]
-    supervisor, libev = DEFAULTS["limits"]["supervisor"], DEFAULTS["limits"]["shadowsocks_libev"]
-    sup_files = files_of(settings["limits"], "supervisor")
+    assert limits["restart"] == DEFAULTS["limits"]["restart"] == "live"
+    assert limits["timeout"] == DEFAULTS["limits"]["timeout"]
+    # Every kind of daemon the registry knows is managed unless pillar turns it off.
+    assert list(limits["kinds"]) == list(daemons.KINDS)
+    supervisor, libev = daemons.KINDS["supervisor"], daemons.KINDS["shadowsocks_libev"]
+    sup_files = files_of(limits["parts"], "supervisor")
     assert [(f["kind"], f["path"]) for f in sup_files] == [
-        ("ulimit", supervisor["defaults_file"]), ("minfds", supervisor["config"])]
-    assert settings["limits"]["supervisor"][0]["restart"] == {"name": supervisor["service"],
-                                                              "pidfile": supervisor["pidfile"]}
-    (ssl,) = settings["limits"]["shadowsocks_libev"]
+        ("ulimit", supervisor["defaults_file"]), ("minfds", supervisor["minfds"])]
+    assert limits["parts"]["supervisor"][0]["restart"] == {"name": supervisor["service"],
+                                                           "pidfile": supervisor["pidfile"]}
+    (ssl,) = limits["parts"]["shadowsocks_libev"]
     assert [(f["kind"], f["path"], f["key"]) for f in ssl["files"]] == [
         ("assignment", libev["defaults_file"], "MAXFD")]
     assert ssl["restart"] == {"name": libev["service"], "pidfile": libev["pidfile"]}
-    assert settings["limits"]["init_scripts"] == [] and settings["limits"]["units"] == []
+    assert limits["parts"]["init_scripts"] == [] and limits["parts"]["units"] == []
+    # Go servers have units only: nothing for them without systemd.
+    assert limits["parts"]["xray"] == []
     # Each file names the pillar path that put it there, for messages.
     assert sup_files[0]["where"] == "pillar shadowsocks:tuning:limits:supervisor:defaults_file"
 
@@ -199,40 +205,78 @@ def test_resolve_gives_plain_data_for_every_part():
     # Plain data: it survives a round trip through YAML (what salt-call prints).
     settings = resolve({})
     assert yaml.safe_load(yaml.safe_dump(settings)) == settings
-    assert set(settings["limits"]) == set(settings_mod.LIMITS_PARTS)
+    assert set(settings["limits"]["parts"]) == set(daemons.KINDS) | set(settings_mod.EXTRA_PARTS)
 
 
-def test_null_turns_a_part_off_or_drops_one_file():
+def test_null_turns_a_kind_off_or_drops_one_file():
     off = resolve({"limits": {"supervisor": None}})
-    assert off["limits"]["supervisor"] == []
-    assert off["limits"]["shadowsocks_libev"]  # the other parts stay
+    assert "supervisor" not in off["limits"]["parts"] and "supervisor" not in off["limits"]["kinds"]
+    assert off["limits"]["parts"]["shadowsocks_libev"]  # the other parts stay
     one = resolve({"limits": {"supervisor": {"defaults_file": None}}})
-    assert [f["path"] for f in files_of(one["limits"], "supervisor")] == [
-        DEFAULTS["limits"]["supervisor"]["config"]]
-    assert one["limits"]["supervisor"][0]["restart"]["name"] == DEFAULTS["limits"]["supervisor"]["service"]
+    assert [f["path"] for f in files_of(one["limits"]["parts"], "supervisor")] == [
+        daemons.KINDS["supervisor"]["minfds"]]
+    assert one["limits"]["parts"]["supervisor"][0]["restart"]["name"] == daemons.KINDS["supervisor"]["service"]
+    # The names of earlier releases: `config` is the minfds file, `unit` its one unit.
+    old = resolve({"limits": {"supervisor": {"config": "/srv/supervisord.conf", "unit": "sup.service"}}},
+                  box={"systemd": True})
+    assert old["limits"]["kinds"]["supervisor"]["minfds"] == "/srv/supervisord.conf"
+    assert old["limits"]["kinds"]["supervisor"]["units"] == ["sup.service"]
+
+
+def test_pillar_adds_a_kind_of_its_own_in_the_registry_shape():
+    settings = resolve({"limits": {"my_server": {"programs": ["my-ss"], "units": ["my-ss"], "raises_soft": True,
+                                                 "configs": {"paths": ["/etc/my-ss/*.json"], "format": "json5",
+                                                             "ports": ["listen_port"]}}}},
+                       box={"systemd": True})
+    kind = settings["limits"]["kinds"]["my_server"]
+    assert kind["programs"] == ["my-ss"] and kind["raises_soft"] is True
+    assert kind["configs"] == {"paths": ["/etc/my-ss/*.json"], "format": "json5", "ports": ["listen_port"]}
+    (group,) = settings["limits"]["parts"]["my_server"]
+    assert group["files"][0]["unit"] == "my-ss.service" and group["restart"]["name"] == "my-ss.service"
+    # A name that is neither a setting nor a kind, and has no programs: a typo, named.
+    text = refused({"limits": {"supervsor": {"defaults_file": "/etc/default/supervisor"}}})
+    assert "pillar shadowsocks:tuning:limits:supervsor: unknown key: not a setting of limits" in text
+    assert "a kind of your own needs `programs: [...]`" in text
+    assert "limits:my:programs: [] must be a list of process names" in refused(
+        {"limits": {"my": {"programs": []}}})
+    assert "limits:my:configs:format: 'toml' must be one of json, json5, yaml" in refused(
+        {"limits": {"my": {"programs": ["x"], "configs": {"paths": ["/etc/x.toml"], "format": "toml"}}}})
+
+
+def test_an_unset_nofile_is_the_recipes_or_what_the_box_can_grant():
+    assert resolve({})["nofile"] == settings_mod.RECIPE_NOFILE
+    capped = resolve({}, box={"grantable": {"sysvinit": 20000, "systemd": 20000}})
+    assert capped["nofile"] == 20000
+    assert any(note.startswith("nofile 20000: the most this box can grant") for note in capped["notes"])
+    # Asked for in pillar or as an argument, it is what was asked (planning says if it cannot be granted).
+    assert resolve({"nofile": 51200}, box={"grantable": {"sysvinit": 20000, "systemd": 20000}})["nofile"] == 51200
+    assert resolve({}, {"nofile": 30000}, box={"grantable": {"sysvinit": 20000, "systemd": 20000}})["nofile"] == 30000
+    # Under systemd, what PID 1 can grant decides.
+    box = {"systemd": True, "grantable": {"sysvinit": 20000, "systemd": 524288}}
+    assert resolve({}, box=box)["nofile"] == settings_mod.RECIPE_NOFILE
 
 
 def test_init_system_decides_systemd_once():
-    pillar = {"limits": {"units": ["shadowsocks-rust"]}}
-    on = resolve(pillar, systemd=True)
-    assert on["init_system"] == "systemd"
-    dropins = [f["unit"] for part in on["limits"] for f in files_of(on["limits"], part) if f["kind"] == "dropin"]
-    assert dropins == [
-        DEFAULTS["limits"]["supervisor"]["unit"], *DEFAULTS["limits"]["shadowsocks_libev"]["units"],
-        "shadowsocks-rust.service",
-    ]
+    pillar = {"limits": {"units": ["shadowsocks-rust-extra"]}}
+    on = resolve(pillar, box={"systemd": True})
+    assert on["limits"]["init_system"] == "systemd"
+    parts = on["limits"]["parts"]
+    dropins = [f["unit"] for part in parts for f in files_of(parts, part) if f["kind"] == "dropin"]
+    expected = [unit for kind in daemons.KINDS.values() for unit in kind.get("units", [])]
+    assert dropins == expected + ["shadowsocks-rust-extra.service"]
     # Under systemd a unit is restarted, not the init script's service.
-    assert on["limits"]["supervisor"][0]["restart"]["name"] == DEFAULTS["limits"]["supervisor"]["unit"]
-    assert on["limits"]["units"][0]["restart"]["name"] == "shadowsocks-rust.service"
+    assert [g["restart"]["name"] for g in parts["supervisor"] if g["restart"]] == daemons.KINDS["supervisor"]["units"]
+    assert parts["units"][0]["restart"]["name"] == "shadowsocks-rust-extra.service"
 
-    off = resolve(pillar, systemd=False)
-    assert off["init_system"] == "sysvinit"
-    assert not [f for part in off["limits"] for f in files_of(off["limits"], part) if f["kind"] == "dropin"]
-    assert off["limits"]["units"] == []
+    off = resolve(pillar, box={"systemd": False})
+    assert off["limits"]["init_system"] == "sysvinit"
+    assert not [f for part in off["limits"]["parts"] for f in files_of(off["limits"]["parts"], part)
+                if f["kind"] == "dropin"]
+    assert off["limits"]["parts"]["units"] == []
 
     # Pillar can choose; it wins over what the box says.
-    assert resolve({"limits": {"init_system": "sysvinit"}}, systemd=True)["init_system"] == "sysvinit"
-    assert resolve({"limits": {"init_system": "systemd"}}, systemd=False)["init_system"] == "systemd"
+    assert resolve({"limits": {"init_system": "sysvinit"}}, box={"systemd": True})["limits"]["init_system"] == "sysvinit"
+    assert resolve({"limits": {"init_system": "systemd"}}, box={"systemd": False})["limits"]["init_system"] == "systemd"
     assert "pillar shadowsocks:tuning:limits:init_system: 'upstart' must be one of auto, systemd, sysvinit" in refused(
         {"limits": {"init_system": "upstart"}})
 
@@ -249,9 +293,9 @@ def test_arguments_win_over_pillar_and_are_named_in_errors():
 
 
 def test_nofile_is_checked_against_nr_open():
-    assert resolve({"nofile": NR_OPEN}, nr_open=NR_OPEN)["nofile"] == NR_OPEN
+    assert resolve({"nofile": NR_OPEN}, box={"nr_open": NR_OPEN})["nofile"] == NR_OPEN
     assert f"pillar shadowsocks:tuning:nofile: {NR_OPEN + 1} is above fs.nr_open ({NR_OPEN})" in refused(
-        {"nofile": NR_OPEN + 1}, nr_open=NR_OPEN)
+        {"nofile": NR_OPEN + 1}, box={"nr_open": NR_OPEN})
 
 
 def test_force_a_list_of_keys_nofile_or_everything():
@@ -268,12 +312,13 @@ def test_force_a_list_of_keys_nofile_or_everything():
 def test_pillar_example_is_valid_and_resolves():
     tuning = yaml.safe_load((REPO / "pillar.example").read_text())["shadowsocks"]["tuning"]
     # Any init script it names need not exist here: only planning looks at files.
-    settings = resolve(tuning, nr_open=NR_OPEN)
+    settings = resolve(tuning, box={"nr_open": NR_OPEN})
     assert settings["profile"] == "bbr"
     assert settings["sysctls"]["net.ipv4.tcp_rmem"] == "4096 87380 33554432"
     assert "net.ipv4.tcp_mtu_probing" not in settings["sysctls"]
     assert settings["nofile"] == tuning["nofile"]
-    assert [f["path"] for f in files_of(settings["limits"], "init_scripts")] == tuning["limits"]["init_scripts"]
+    assert [f["path"] for f in files_of(settings["limits"]["parts"], "init_scripts")] == (
+        tuning["limits"]["init_scripts"])
     assert settings_mod.resolve_profile("edge", settings_mod.all_profiles(tuning["profiles"]))[0] == [
         "edge", "bbr", "low-latency", "high-latency"]
 
@@ -283,7 +328,7 @@ def test_resolution_does_not_look_at_files(tmp_path):
     path), not when resolving: `settings` still shows what the pillar says."""
     missing = str(tmp_path / "init.d" / "shadowsocks")
     settings = resolve({"limits": {"init_scripts": [missing]}})
-    (group,) = settings["limits"]["init_scripts"]
+    (group,) = settings["limits"]["parts"]["init_scripts"]
     assert group["files"][0]["path"] == missing and group["files"][0]["required"] is True
     assert group["restart"] == {"name": "shadowsocks", "pidfile": None}
 

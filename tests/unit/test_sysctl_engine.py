@@ -42,39 +42,39 @@ def settings_for(opts, **pillar):
 
 
 def test_no_field_is_made_worse_than_the_kernel_has_it_and_kept_values_are_not_persisted(opts):
-    prepared = sysctl.prepare(settings_for(opts), opts, test=True)
-    assert prepared["errors"] == []
-    assert prepared["writes"] == {"net.ipv4.tcp_fin_timeout": ("60", "30")}
-    kept = next(line for line in prepared["comment"] if line.startswith("kept, never made worse"))
+    planned = sysctl.plan(settings_for(opts), opts, test=True)
+    assert planned["errors"] == []
+    assert planned["writes"] == {"net.ipv4.tcp_fin_timeout": ("60", "30")}
+    kept = next(line for line in planned["comment"] if line.startswith("kept, never made worse"))
     assert "fs.file-max: kept 2466177 (the profile's 51200 would be less)" in kept
     assert "net.ipv4.tcp_rmem: kept 4096 131072 33554432" in kept
     # Boot keeps the kernel's own values: no line pins them.
-    assert "fs.file-max" not in prepared["config_text"]
-    assert "tcp_rmem" not in prepared["config_text"]
-    assert "net.ipv4.tcp_fin_timeout = 30\n" in prepared["config_text"]
+    assert "fs.file-max" not in planned["config_text"]
+    assert "tcp_rmem" not in planned["config_text"]
+    assert "net.ipv4.tcp_fin_timeout = 30\n" in planned["config_text"]
 
 
 def test_a_profile_lowers_a_ceiling_only_where_it_says_why(opts):
     why = {"profile": "mini", "profiles": {"mini": {**MINI["profiles"]["mini"],
                                                      "lower": {"net.ipv4.tcp_rmem": "small box"}}}}
-    prepared = sysctl.prepare(settings_for(opts, **why), opts, test=True)
+    planned = sysctl.plan(settings_for(opts, **why), opts, test=True)
     # The max goes down on purpose; the default field stays at the kernel's higher value.
-    assert prepared["writes"]["net.ipv4.tcp_rmem"] == ("4096 131072 33554432", "4096 131072 4194304")
-    lowered = next(line for line in prepared["comment"] if line.startswith("lowered on purpose: "))
+    assert planned["writes"]["net.ipv4.tcp_rmem"] == ("4096 131072 33554432", "4096 131072 4194304")
+    lowered = next(line for line in planned["comment"] if line.startswith("lowered on purpose: "))
     assert "net.ipv4.tcp_rmem: 4096 131072 33554432 -> 4096 131072 4194304: small box (profile mini)" in lowered
 
 
 def test_force_lowers_the_keys_it_names_or_all(opts):
-    one = sysctl.prepare(settings_for(opts, force=["fs.file-max"]), opts, test=True)
+    one = sysctl.plan(settings_for(opts, force=["fs.file-max"]), opts, test=True)
     assert one["writes"]["fs.file-max"] == ("2466177", "51200")
     assert "net.ipv4.tcp_rmem" not in one["writes"]
-    everything = sysctl.prepare(settings_for(opts, force=True), opts, test=True)
+    everything = sysctl.plan(settings_for(opts, force=True), opts, test=True)
     assert everything["writes"]["net.ipv4.tcp_rmem"] == ("4096 131072 33554432", "4096 87380 4194304")
     assert everything["writes"]["fs.file-max"] == ("2466177", "51200")
 
 
-def test_prepare_writes_nothing(opts, tmp_path):
-    sysctl.prepare(settings_for(opts, force=True), opts, test=True)
+def test_plan_writes_nothing(opts, tmp_path):
+    sysctl.plan(settings_for(opts, force=True), opts, test=True)
     assert (tmp_path / "proc-sys" / "fs" / "file-max").read_text() == "2466177\n"
     assert list((tmp_path / "sysctl.d").iterdir()) == []
     assert not (tmp_path / "state").exists()
