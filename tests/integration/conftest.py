@@ -51,6 +51,11 @@ Fixtures (all module-scoped):
                    settings (`shadowsocks_tuning.settings`) would write, check
                    or restart outside a node's sandbox
 
+A real systemd in a container (tests/support/systemd_fixtures.py, imported
+below): systemd_box, box_salt, host_snapshot, systemd_box_safety_net and one
+fixture per packaging shape (libev_units, supervisor_program,
+v2ray_shadowsocks, shadowsocks_rust_units, outline_unit, high_limit_units).
+
 The classes and helpers these fixtures use (the namespace-aware factories, the
 fleet network, file_roots/pillar_roots, TuningSandbox, paths_outside,
 settings_outside) live in tests/support/fleet.py.
@@ -71,6 +76,11 @@ from support.fleet import (
     REPO_ROOT, FleetRoster, FleetSources, NetnsSaltMinion, NetnsSshd, TuningSandbox,
     _in_parallel, _unused_loopback_port, build_file_roots, build_pillar_roots, fleet_network,
     paths_outside, settings_outside, write_placeholder_sources,
+)
+
+from support.systemd_fixtures import (  # noqa: F401  (fixtures, found by name)
+    box_pillar_dir, box_salt, high_limit_units, host_snapshot, libev_units, outline_unit,
+    shadowsocks_rust_units, supervisor_program, systemd_box, systemd_box_safety_net, v2ray_shadowsocks,
 )
 
 log = logging.getLogger(__name__)
