@@ -17,8 +17,8 @@ from salt.exceptions import CommandExecutionError
 # share the global sys.modules with everything else, hence the prefix.
 NAMES = (
     "sstuning_catalogue", "sstuning_settings", "sstuning_procfs", "sstuning_journal", "sstuning_sysctld",
-    "sstuning_lines", "sstuning_ports", "sstuning_services", "sstuning_sysctl", "sstuning_limits",
-    "sstuning_container", "sstuning_diagnose",
+    "sstuning_shell", "sstuning_shellforms", "sstuning_lines", "sstuning_ports", "sstuning_services", "sstuning_sysctl",
+    "sstuning_limits", "sstuning_container", "sstuning_diagnose",
 )
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
