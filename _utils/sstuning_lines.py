@@ -1,10 +1,15 @@
 """
 One toolkit for editing line-oriented files owned by others: shell files
 (``ulimit -n N``, ``KEY=value``), supervisord's INI file (``minfds=N``) and
-systemd drop-ins. Pure functions, text in and text out: every line this
-package does not manage keeps its bytes, its line ending (CRLF too) and the
-file's missing final newline. Errors say what is wrong with the file; the
-caller adds which pillar path named it.
+systemd drop-ins. Text in and text out: every line this package does not
+manage keeps its bytes, its line ending (CRLF too) and the file's missing
+final newline. Each renderer makes the value the file's reader ends up with
+(dash sourcing a shell file, configparser reading supervisord.conf) exactly
+the one asked for, or refuses before anything is written; ``ulimit_values``,
+``assignment_value`` and ``minfds_value`` say what a file sets now. The only
+process started is ``sh -n`` (``sstuning_shell.check_shell``), which parses
+and runs nothing. Errors say what is wrong with the file; the caller adds
+which pillar path named it.
 """
 
 import os
@@ -12,19 +17,16 @@ import re
 
 from salt.exceptions import CommandExecutionError
 
+import sstuning_shell as shell
+import sstuning_shellforms as shellforms
+from sstuning_shell import check_shell  # noqa: F401 (part of this toolkit's interface)
+
 NOFILE_COMMENT = "# Open-file limit, managed by Salt (shadowsocks_tuning)"
 SHELLS = ("sh", "dash", "bash", "ash", "ksh", "mksh", "zsh", "busybox", "init-d-script")
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")  # \Z: `$` would let a trailing newline through
 # Printable, and nothing a shell would expand or split when it sources the file.
 ENV_VALUE = re.compile(r"^[A-Za-z0-9_./:@%+,=-]{0,256}\Z")
-# `ulimit -n N`, `ulimit -SHn N`, `ulimit -S -n "$MAXFD"  # why`: a line of its own.
-_ULIMIT_LINE = re.compile(
-    r"^(?P<indent>[ \t]*)ulimit(?:[ \t]+-[SH]+)*[ \t]+-[SH]*n[SH]*[ \t]+(?P<value>[^\s;&|#]+)(?P<tail>[ \t]*(?:#.*)?)$"
-)
-_ULIMIT_QUERY = re.compile(r"^[ \t]*ulimit(?:[ \t]+-[SH]+)*[ \t]+-[SH]*n[SH]*[ \t]*(?:#.*)?$")
-# `ulimit ... -n` anywhere a command can start: compound forms this module does not rewrite.
-_ULIMIT_ANY = re.compile(r"(?:^|[;&|({]|\b(?:then|do|else)\b)[ \t]*ulimit\b[^;&|#]*[ \t]-[A-Za-z]*n")
-_INI_SECTION = re.compile(r"^[ \t]*\[(?P<name>[^\]]*)\][ \t]*(?:[;#].*)?$")
+_INI_SECTION = re.compile(r"^[ \t]*\[(?P<name>[^\]]+)\][ \t]*(?:[;#].*)?$")
 _MINFDS = re.compile(r"^(?P<key>minfds)(?P<sep>[ \t]*[=:][ \t]*)(?P<value>[^;#\s]*)(?P<tail>.*)$", re.IGNORECASE)
 
 
@@ -113,105 +115,234 @@ def _init_insert_index(lines):
     return index
 
 
-def render_ulimit(text, nofile, path, placement="end"):
-    """Exactly one active `ulimit -n <nofile>` line: the first existing one is
-    rewritten in place (indentation and trailing comment kept), later ones are
-    dropped, commented-out ones are left alone. Without one, a new line goes at
-    the end (a sourced defaults file) or before the first command (an init
-    script). Returns (new_text, old_value or None)."""
+# --------------------------------------------------------------------------
+# Shell files: ulimit -n and KEY=value
+#
+# What a file sets is what its plain top-level lines set, read as dash reads
+# them (``sstuning_shellforms``); any managed line elsewhere (in an if, a case,
+# a loop, a function, a subshell, a continued line) or in a form this module
+# cannot edit is refused, naming path:line, before anything is written. Lines
+# this module writes end in "\n" even in a CRLF file: dash takes the CR
+# before a newline as part of the last word (`ulimit -n 16384\r` fails with
+# "bad number"). Every edited text is checked before it is returned: it
+# parses (`sh -n`) and reads back as exactly the value asked for.
+# --------------------------------------------------------------------------
+def _read_shell(text, path, placement="end", key=None):
+    """The managed lines of a shell file (see sstuning_shellforms.Reader), after
+    refusing a binary, a script in another language and a file that does not
+    parse as it is."""
     refuse_binary(text, path)
-    lines = _split_lines(text)
     if placement == "init":
-        check_shell_script(lines, path)
-    wanted = f"ulimit -n {nofile}"
-    out, old = [], None
-    for number, (body, ending) in enumerate(lines, 1):
-        if _is_comment(body):
-            out.append((body, ending))
-            continue
-        match = _ULIMIT_LINE.match(body)
-        if match:
-            if old is None:
-                old = match.group("value")
-                out.append((f"{match.group('indent')}{wanted}{match.group('tail')}", ending))
-            continue
-        if _ULIMIT_ANY.search(body) and not _ULIMIT_QUERY.match(body):
-            raise CommandExecutionError(
-                f"{path}:{number}: {body.strip()!r} sets the open-file limit in a form this module does not "
-                "rewrite; make it a plain `ulimit -n N` line of its own (or remove it) and run again"
-            )
-        out.append((body, ending))
-    if old is None:
-        index = _init_insert_index(out) if placement == "init" else len(out)
-        out = _insert_lines(out, index, [NOFILE_COMMENT, wanted], _eol(lines))
-    return _join(_keep_final_newline(lines, out)), old
+        check_shell_script(_split_lines(text), path)
+    shell.check_original(text or "", path)
+    return shellforms.Reader(text or "", path, key)
 
 
-_ASSIGNMENTS = {}
-
-
-def _assignment_pattern(key):
-    """`KEY=value` and `export KEY=value`, compiled once per key."""
-    if key not in _ASSIGNMENTS:
-        _ASSIGNMENTS[key] = re.compile(
-            r"^(?P<indent>[ \t]*)(?P<export>export[ \t]+)?" + re.escape(key)
-            + r"=(?P<value>\"[^\"]*\"|'[^']*'|[^\s;&|#]*)(?P<tail>.*)$"
+def _verify(new, path, read, expected):
+    """The edited text parses and reads back as `expected`, or nothing is written."""
+    try:
+        shell.check_shell(new, path)
+        got = read(new)
+    except CommandExecutionError as exc:
+        raise CommandExecutionError(
+            f"{path}: the edited file would not be one this package can read back ({exc}); nothing was written: "
+            "set the limit by hand, and report this file layout to shadowsocks_tuning"
         )
-    return _ASSIGNMENTS[key]
+    if got != expected:
+        raise CommandExecutionError(
+            f"{path}: the edited file would give {got!r}, not {expected!r}; nothing was written: set the limit by "
+            "hand, and report this file layout to shadowsocks_tuning"
+        )
 
 
-_assignment_pattern("MAXFD")  # the one key the SLS manages, ready before the first apply
+def _limit_value(value, what, path):
+    """An open-file limit: an int >= 0 or "unlimited"."""
+    if value == "unlimited":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not re.fullmatch(r"[0-9]+", str(value)):
+        raise CommandExecutionError(f"{path}: {what} limit {value!r} is not a number >= 0 or 'unlimited'")
+    return int(value)
+
+
+def _rank(value):
+    return float("inf") if value == "unlimited" else value
+
+
+def ulimit_values(text, path):
+    """(soft, hard) open-file limits that sourcing the file leaves, each an
+    int, "unlimited", or None when this file does not set it: `ulimit -n N`
+    sets both, `-Sn` the soft one, `-Hn` the hard one; later lines win. A
+    line dash cannot run (a CR left in its value) sets nothing. Refuses, with
+    path:line, a file it cannot read that way."""
+    return _read_shell(text, path).ulimit_values()
+
+
+def _ulimit_bodies(soft, hard):
+    """The lines that leave exactly (soft, hard). `ulimit -n H` first sets
+    both to H in one setrlimit() call, valid whatever the inherited soft
+    limit (a bare `ulimit -Hn H` fails with EINVAL when the inherited soft
+    limit is above H); then `-Sn S` lowers the soft one, never above the hard
+    one at that moment."""
+    if soft == hard:
+        return [f"ulimit -n {hard}"]
+    return [f"ulimit -n {hard}", f"ulimit -Sn {soft}"]
+
+
+def _render_ulimit(text, soft, hard, path, placement):
+    soft, hard = _limit_value(soft, "soft", path), _limit_value(hard, "hard", path)
+    if _rank(soft) > _rank(hard):
+        raise CommandExecutionError(f"{path}: soft limit {soft} is above the hard limit {hard}; no shell can set that")
+    reader = _read_shell(text, path, placement)
+    lines = _split_lines(text)
+    bodies = _ulimit_bodies(soft, hard)
+    managed = {entry["line"]: entry for entry in reader.ulimits}
+    first = reader.ulimits[0]["line"] if reader.ulimits else None
+    out = []
+    for number, (body, ending) in enumerate(lines, 1):
+        if number == first:
+            entry = managed[number]
+            new = [entry["indent"] + bodies[0] + entry["tail"]] + [entry["indent"] + b for b in bodies[1:]]
+            out.extend((line, "\n") for line in new)
+            if not ending:  # it was the last line, without newline: keep that shape
+                out[-1] = (out[-1][0], "")
+        elif number not in managed:  # later managed lines are dropped: the first one now says it all
+            out.append((body, ending))
+    if first is None:
+        index = _init_insert_index(out) if placement == "init" else len(out)
+        out = _insert_lines(out, index, [NOFILE_COMMENT] + bodies, "\n")
+    new_text = _join(_keep_final_newline(lines, out))
+    _verify(new_text, path, lambda t: shellforms.Reader(t, path).ulimit_values(), (soft, hard))
+    return new_text, reader.ulimit_values()
+
+
+def render_ulimit_values(text, soft, hard, path, placement="end"):
+    """New text whose effective open-file limits are exactly (soft, hard)
+    (each an int or "unlimited", soft <= hard): one `ulimit -n N` line when
+    they are equal, else `ulimit -n HARD` then `ulimit -Sn SOFT`. The first
+    existing top-level `ulimit -n` line is rewritten in place (indentation
+    and trailing comment kept), later ones are dropped, commented-out ones
+    and every other byte kept. Without one, the lines go at the end (a
+    sourced defaults file) or before the first command (placement "init":
+    an init script)."""
+    return _render_ulimit(text, soft, hard, path, placement)[0]
+
+
+def render_ulimit(text, nofile, path, placement="end"):
+    """`render_ulimit_values` with soft = hard = `nofile`. Returns (new_text,
+    old): old is the soft limit the file set before, as a string ("unlimited"
+    too), or None when it set none: the soft limit is the one a daemon gets
+    (a file with `ulimit -Hn 19000` then `ulimit -Sn 1024` gives "1024")."""
+    new_text, (soft, _) = _render_ulimit(text, nofile, nofile, path, placement)
+    return new_text, None if soft is None else str(soft)
+
+
+def assignment_value(text, key, path):
+    """The value sourcing the file gives `key` (the last plain top-level
+    `KEY=value` or `export KEY=value`, quotes removed; a CR left by a CRLF
+    line end is part of it, as in dash), or None when the file does not set
+    it. Refuses, with path:line, a file that sets it in a form it cannot read."""
+    return _read_shell(text, path, key=key).assignment_value()
 
 
 def render_assignment(text, key, value, path):
-    """Exactly one active `KEY=value` line (`export KEY=...` too): the first is
-    rewritten in place, keeping its quotes and trailing comment; later ones are
-    dropped; missing, it is appended. Returns (new_text, old_value or None)."""
-    refuse_binary(text, path)
-    pattern = _assignment_pattern(key)
+    """Exactly one active `KEY=value` line (`export KEY=...` too): the first
+    is rewritten in place, keeping its quotes and trailing comment; later
+    ones are dropped; missing, it is appended. Returns (new_text, old): old is
+    the value the file gave KEY before (``assignment_value``), or None when it
+    gave none, or one no shell reads as written (a CR from a CRLF line end)."""
+    if not ENV_KEY.match(key or ""):
+        raise CommandExecutionError(f"{path}: {key!r} is not a shell variable name such as MAXFD")
+    value = str(value)
+    if not ENV_VALUE.match(value):
+        raise CommandExecutionError(f"{path}: {key} value {value!r} is not a plain value a shell reads as written")
+    reader = _read_shell(text, path, key=key)
     lines = _split_lines(text)
-    out, old = [], None
-    for body, ending in lines:
-        match = None if _is_comment(body) else pattern.match(body)
-        if not match:
+    managed = {entry["line"]: entry for entry in reader.assignments}
+    first = reader.assignments[0]["line"] if reader.assignments else None
+    out = []
+    for number, (body, ending) in enumerate(lines, 1):
+        if number == first:
+            entry = managed[number]
+            quote = entry["quote"]
+            out.append((f"{entry['indent']}{entry['export']}{key}={quote}{value}{quote}{entry['tail']}",
+                        "\n" if ending else ""))
+        elif number not in managed:
             out.append((body, ending))
+    if first is None:
+        out = _insert_lines(out, len(out), [NOFILE_COMMENT, f"{key}={value}"], "\n")
+    new_text = _join(_keep_final_newline(lines, out))
+    _verify(new_text, path, lambda t: shellforms.Reader(t, path, key).assignment_value(), value)
+    old = reader.assignment_value()
+    return new_text, None if old is None or "\r" in old else old
+
+
+# --------------------------------------------------------------------------
+# supervisord.conf: minfds
+#
+# supervisord reads it with configparser (strict=False, inline comments ; and
+# #): sections of the same name merge, a later option wins, a section name is
+# not stripped, and an indented line continues the value before it.
+# --------------------------------------------------------------------------
+def _minfds_lines(lines, path):
+    """[(index, match)] of every minfds line in a [supervisord] section."""
+    found, section, last = [], None, None
+    for index, (body, _) in enumerate(lines):
+        header = _INI_SECTION.match(body)
+        if header:
+            section, last = header.group("name"), None
             continue
-        if old is None:
-            raw = match.group("value")
-            quote = raw[0] if raw[:1] in ("'", '"') else ""
-            old = raw[1:-1] if quote else raw
-            new = f"{match.group('indent')}{match.group('export') or ''}{key}={quote}{value}{quote}{match.group('tail')}"
-            out.append((new, ending))
-    if old is None:
-        out = _insert_lines(out, len(out), [NOFILE_COMMENT, f"{key}={value}"], _eol(lines))
-    return _join(_keep_final_newline(lines, out)), old
+        stripped = body.strip()
+        if not stripped or stripped[0] in ";#":
+            continue
+        if body[0] in " \t":
+            if last is not None:
+                raise CommandExecutionError(
+                    f"{path}:{index + 1}: {stripped!r} is indented, so supervisord reads it as more of the minfds "
+                    f"value of line {last + 1}: remove its indentation (or the line) and run again"
+                )
+            continue
+        match = _MINFDS.match(body) if section == "supervisord" else None
+        last = index if match else None
+        if match:
+            found.append((index, match))
+    return found
+
+
+def minfds_value(text, path):
+    """The minfds supervisord reads from this file (the last one of its
+    [supervisord] sections), or None."""
+    found = _minfds_lines(_split_lines(text), path)
+    return found[-1][1].group("value") if found else None
 
 
 def render_minfds(text, nofile, path):
     """`minfds=<nofile>` in the [supervisord] section of a supervisord config:
-    the first one rewritten in place, later ones in that section dropped;
-    missing, it goes after the first [supervisord] section's last setting.
-    Returns (new_text, old_value or None)."""
+    the first one rewritten in place, later ones in that section (or another
+    [supervisord] section, which configparser merges) dropped; missing, it
+    goes after the first [supervisord] section's last setting. Returns
+    (new_text, old): old is the minfds supervisord read before (the last
+    one), or None."""
     lines = _split_lines(text)
-    out, old = [], None
-    section, first, anchor = None, False, None  # anchor: index in `out` to insert after
-    for body, ending in lines:
+    found = dict(_minfds_lines(lines, path))
+    first = min(found) if found else None
+    out = []
+    section, in_first, anchor = None, False, None  # anchor: index in `out` to insert after
+    for index, (body, ending) in enumerate(lines):
         header = _INI_SECTION.match(body)
         if header:
-            section = header.group("name").strip()
-            first = section == "supervisord" and anchor is None
-            if first:
+            section = header.group("name")
+            in_first = section == "supervisord" and anchor is None
+            if in_first:
                 anchor = len(out)
             out.append((body, ending))
             continue
-        match = _MINFDS.match(body) if section == "supervisord" else None
-        if match:
-            if old is None:
-                old = match.group("value")
+        if index in found:
+            if index == first:
+                match = found[index]
                 out.append((f"{match.group('key')}{match.group('sep')}{nofile}{match.group('tail')}", ending))
             continue
         stripped = body.strip()
-        if first and stripped and stripped[0] not in ";#":
+        if in_first and stripped and stripped[0] not in ";#":
             anchor = len(out)
         out.append((body, ending))
     if anchor is None:
@@ -219,8 +350,9 @@ def render_minfds(text, nofile, path):
             f"{path}: no [supervisord] section, so this is not supervisord's main configuration; point pillar "
             "at that file (Debian: /etc/supervisor/supervisord.conf)"
         )
-    if old is None:
+    if first is None:
         out = _insert_lines(out, anchor + 1, [f"minfds={nofile}"], _eol(lines))
+    old = found[max(found)].group("value") if found else None
     return _join(_keep_final_newline(lines, out)), old
 
 

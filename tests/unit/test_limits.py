@@ -95,14 +95,15 @@ def test_a_write_keeps_mode_and_restore_puts_the_bytes_back(opts, tmp_path):
     script.chmod(0o750)
     predicted = limits.plan_file(opts, ulimit_target(script, "init"), 4096, False)
     assert predicted["changed"] and script.read_bytes() == original
-    assert f"+{NOFILE_COMMENT}\r\n+ulimit -n 4096\r\n" in predicted["diff"]
+    # The lines written end in LF: dash would read `4096\r` as a bad number.
+    assert f"+{NOFILE_COMMENT}\n+ulimit -n 4096\n" in predicted["diff"]
     write(opts, predicted)
     assert script.read_bytes() == original.replace(
-        b"INFO\r\n", f"INFO\r\n{NOFILE_COMMENT}\r\nulimit -n 4096\r\n".encode())
+        b"INFO\r\n", f"INFO\r\n{NOFILE_COMMENT}\nulimit -n 4096\n".encode())
     assert script.stat().st_mode & 0o777 == 0o750
     assert not limits.plan_file(opts, ulimit_target(script, "init"), 4096, False)["changed"]
     write(opts, limits.plan_file(opts, ulimit_target(script, "init"), 8192, False))  # the first original stays
-    assert b"ulimit -n 8192\r\n" in script.read_bytes()
+    assert b"ulimit -n 8192\n" in script.read_bytes()
     assert str(script) in restore(opts, test=True) and b"8192" in script.read_bytes()  # test: only reported
     restore(opts)
     assert script.read_bytes() == original

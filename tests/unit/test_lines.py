@@ -3,6 +3,8 @@ line in a sourced defaults file or an init script, `KEY=value`, supervisord's
 `minfds` and systemd drop-ins. Every line not managed keeps its bytes, its
 ending (CRLF too) and a missing final newline."""
 
+import subprocess
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -64,7 +66,7 @@ def test_a_missing_ulimit_line_is_appended_and_everything_else_is_kept():
 
 
 def test_an_existing_line_is_replaced_in_place_never_duplicated():
-    text = "A=1\n  ulimit -HSn 51200   # raised for ss\nB=2\n"
+    text = "A=1\n  ulimit -Sn 51200   # raised for ss\nB=2\n"
     new, old = ulimit(text)
     assert old == "51200"
     assert new == "A=1\n  ulimit -n 16384   # raised for ss\nB=2\n"
@@ -77,10 +79,17 @@ def test_later_active_lines_are_dropped_and_commented_ones_kept():
     assert active_ulimit_lines(new) == ["ulimit -n 16384"]
 
 
-def test_crlf_endings_survive_and_new_lines_use_them():
+def test_crlf_endings_survive_and_new_lines_end_in_lf():
+    # dash reads the CR before a newline as part of the last word: `ulimit -n
+    # 16384\r` fails with "bad number". Foreign lines keep their CRLF; the
+    # lines written end in LF, so they work.
     text = "A=1\r\n# ulimit -n 5\r\nB=2\r\n"
     new, _ = ulimit(text)
-    assert new == f"A=1\r\n# ulimit -n 5\r\nB=2\r\n{sst_lines.NOFILE_COMMENT}\r\nulimit -n 16384\r\n"
+    assert new == f"A=1\r\n# ulimit -n 5\r\nB=2\r\n{sst_lines.NOFILE_COMMENT}\nulimit -n 16384\n"
+    # A CRLF ulimit line never set anything in dash: the old value is None, and it is rewritten with LF.
+    assert ulimit("A=1\r\nulimit -n 32768\r\n") == ("A=1\r\nulimit -n 16384\n", None)
+    # ... while a trailing comment keeps the CR out of the value: that one worked.
+    assert ulimit("ulimit -n 32768 # x\r\n") == ("ulimit -n 16384 # x\n", "32768")
 
 
 def test_a_file_without_final_newline_keeps_that_shape():
@@ -96,8 +105,10 @@ def test_an_empty_or_absent_file_gets_just_the_line():
     assert ulimit(None)[0] == f"{sst_lines.NOFILE_COMMENT}\nulimit -n 16384\n"
 
 
-def test_a_variable_limit_is_replaced_by_the_number():
-    assert ulimit('ulimit -n "${MAXFD}"\n')[0] == "ulimit -n 16384\n"
+def test_a_variable_limit_is_refused_naming_the_line():
+    # The value the daemon gets comes from elsewhere: replacing it by a number would hide that.
+    with pytest.raises(CommandExecutionError, match=r"^/etc/test:1: 'ulimit -n \"\$\{MAXFD\}\"' is not a plain"):
+        ulimit('ulimit -n "${MAXFD}"\n')
 
 
 def test_a_query_without_value_is_just_another_line():
@@ -139,9 +150,13 @@ def test_without_lsb_header_it_goes_after_the_leading_comments():
     assert new == f"#!/bin/bash\n# start ss\n\n{sst_lines.NOFILE_COMMENT}\nulimit -n 16384\nexec /usr/bin/ss-server -c /etc/ss.json\n"
 
 
-def test_an_existing_line_in_an_init_script_stays_where_it_is():
+def test_a_ulimit_line_inside_a_function_of_an_init_script_is_refused():
+    # Debian's /etc/init.d/shadowsocks-libev has exactly this: the limit comes
+    # from MAXFD (manage it in /etc/default/shadowsocks-libev instead).
     text = "#!/bin/sh\ndo_start() {\n    ulimit -n ${MAXFD}\n    start-stop-daemon --start\n}\n"
-    assert ulimit(text, placement="init")[0] == text.replace("${MAXFD}", "16384")
+    with pytest.raises(CommandExecutionError) as err:
+        ulimit(text, placement="init")
+    assert str(err.value).startswith("/etc/test:3: 'ulimit -n ${MAXFD}' is inside the body of function do_start() (line 2)")
 
 
 @pytest.mark.parametrize("shebang", ["#!/usr/bin/python3", "#!/usr/bin/env node", "#!/usr/bin/perl -w"])
@@ -157,11 +172,19 @@ def test_shell_scripts_of_every_flavour_are_accepted(shebang):
 
 
 # Files made of lines that never set a limit: the edit adds exactly one line
-# (plus its comment) and keeps every byte of the rest, whatever the endings.
-# (NUL bytes make a binary file, which is refused: see the test below.)
-_plain_line = st.text(alphabet=st.characters(blacklist_characters="\n\0", blacklist_categories=("Cs",)), max_size=30).filter(
-    lambda s: "ulimit" not in s
-)
+# (plus its comment) and keeps every byte of the rest, whatever the endings;
+# or, when the file does not parse as shell as it is (`sh -n`), it is refused
+# as broken before the edit. (NUL bytes make a binary file, which is refused:
+# see the test below.)
+_any_text = st.text(alphabet=st.characters(blacklist_characters="\n\0", blacklist_categories=("Cs",)), max_size=30)
+_plain_line = st.one_of(
+    _any_text, _any_text.map(lambda s: "#" + s), st.from_regex(r"\A[A-Z_]{1,8}=[a-z0-9./-]{0,12}\Z"),
+).filter(lambda s: "ulimit" not in s)
+
+
+def _parses(text):
+    return subprocess.run(["/bin/sh", "-n"], input=text.encode("utf-8", "surrogateescape"), capture_output=True,
+                          timeout=10).returncode == 0
 
 
 @settings(max_examples=200, deadline=None)
@@ -171,7 +194,16 @@ def test_property_one_line_added_the_rest_byte_for_byte(lines, unterminated, n):
     text = "".join(body + end for body, end in lines)
     if unterminated and text:
         text = text[:-1] if text.endswith("\n") else text
-    new, old = ulimit(text, n)
+    if not _parses(text):
+        with pytest.raises(CommandExecutionError, match="does not parse as a shell script as it is now"):
+            ulimit(text, n)
+        return
+    try:
+        new, old = ulimit(text, n)
+    except CommandExecutionError as exc:
+        # A line ending in `\` continues onto the appended line: refused, never written.
+        assert "would not be one this package can read back" in str(exc) or "cannot follow" in str(exc)
+        return
     assert old is None
     assert new.startswith(text)
     assert active_ulimit_lines(new[len(text):]) == [f"ulimit -n {n}"]
@@ -185,7 +217,8 @@ def test_maxfd_is_set_in_place_keeping_quotes_export_and_comment():
     render = sst_lines.render_assignment
     assert render("A=1\nMAXFD=32768\n", "MAXFD", "16384", "/x") == ("A=1\nMAXFD=16384\n", "32768")
     assert render('export MAXFD="32768"  # fds\n', "MAXFD", "16384", "/x")[0] == 'export MAXFD="16384"  # fds\n'
-    assert render("#MAXFD=1\nMAXFD=2\r\nMAXFD=3\r\n", "MAXFD", "9", "/x")[0] == "#MAXFD=1\nMAXFD=9\r\n"
+    # The lines written end in LF (dash would keep a CR in the value); the old value is the last one.
+    assert render("#MAXFD=1\nMAXFD=2\r\nMAXFD=3 # c\r\n", "MAXFD", "9", "/x") == ("#MAXFD=1\nMAXFD=9\n", "3")
     assert render("A=1", "MAXFD", "9", "/x")[0] == f"A=1\n{sst_lines.NOFILE_COMMENT}\nMAXFD=9"
     assert render("MYMAXFD=1\n", "MAXFD", "9", "/x")[0] == f"MYMAXFD=1\n{sst_lines.NOFILE_COMMENT}\nMAXFD=9\n"
 
@@ -219,7 +252,7 @@ def test_minfds_is_added_after_the_last_setting_of_the_supervisord_section():
 def test_minfds_is_replaced_in_its_section_only_keeping_case_separator_and_comment():
     text = "[program:x]\nminfds=5\n[supervisord]\nMINFDS : 1024 ; low\nminfds=2048\n[other]\nminfds=7"
     new, old = sst_lines.render_minfds(text, 16384, "/x")
-    assert old == "1024"
+    assert old == "2048"  # what supervisord reads: configparser (strict=False) keeps the last one
     assert new == "[program:x]\nminfds=5\n[supervisord]\nMINFDS : 16384 ; low\n[other]\nminfds=7"
 
 
