@@ -158,6 +158,10 @@ def nofile_apply(part=None, test=False, plan=None):  # pylint: disable=redefined
         limits = settings["limits"]
         out = {"nofile": settings["nofile"], "files": [], "raised": [], "restarts": [], "processes": [],
                "errors": [], "notes": list(settings["notes"]) + half["notes"]}
+        skipped = [item["path"] for n in names for group in half["parts"][n] for item in group["files"]
+                   if item["skipped"]]
+        if skipped:
+            out["notes"].append("not installed, left alone: " + ", ".join(skipped))
         if planned.pending and (part is None or part == names[0]):
             out["restarts"].extend(sstuning_services.finish(options, planned.pending, limits["timeout"],
                                                             limits["grace"], test))

@@ -203,6 +203,8 @@ def limits_applied(name, part=None):
         return ret
     comments = list(outcome["notes"])
     for item in outcome["files"]:
+        if item["skipped"]:
+            continue  # not installed: said once in the notes
         comments.append(item["comment"])
         if item["changed"]:
             ret["changes"][item["path"]] = {"old": item["old"], "new": item["new"], "diff": item["diff"]}

@@ -160,7 +160,6 @@ def plan_file(options, target, nofile, force, ceiling, raises_soft=False):
         result.update(skipped=True, comment=f"{path} does not exist: nothing to manage")
         return result
     if kind == "ulimit":
-        lines.check_shell(text, path)
         soft, hard = lines.ulimit_values(text, path)
         current = (_number(soft, nr_open), _number(hard, nr_open))
     elif kind == "assignment":
@@ -178,11 +177,11 @@ def plan_file(options, target, nofile, force, ceiling, raises_soft=False):
         result["comment"] = f"{path}: {what} {_show(wanted)} is in place" + (f" ({'; '.join(notes)})" if notes else "")
         return result
     if kind == "ulimit":
+        # Each render checks the file as it is and as it would be with `sh -n`,
+        # and that it reads back as the target.
         new_text = lines.render_ulimit_values(text, wanted[0], wanted[1], path, target.get("placement", "end"))
-        lines.check_shell(new_text, path)
     elif kind == "assignment":
         new_text = lines.render_assignment(text, target["key"], str(wanted[1]), path)[0]
-        lines.check_shell(new_text, path)
     else:
         new_text = lines.render_minfds(text, wanted[1], path)[0]
     change = journal.file_change(path, new_text, text)
@@ -250,9 +249,11 @@ def write_file(options, planned):
 # --------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------
-def processes(table, kinds):
-    """Every running process of ``kinds``: ``{pid: {"pid", "name", "kind",
-    "ppid", "soft", "hard"}}`` (plugins and ss-manager's servers included)."""
+def processes(table, kinds, extra=()):
+    """Every running process of ``kinds``, and the processes ``extra`` (pids:
+    the trees of the init scripts pillar names, whatever their names):
+    ``{pid: {"pid", "name", "kind", "ppid", "soft", "hard"}}`` (plugins and
+    ss-manager's servers included)."""
     names, parents, owner = set(), set(), {}
     for kind_name, kind in kinds.items():
         for name in kind["programs"] + kind["plugins"]:
@@ -262,6 +263,9 @@ def processes(table, kinds):
             parents.update(kind["programs"])
     found = {}
     named = procfs.named_processes(table, names, parents)
+    for pid in extra:
+        if pid in table:
+            named.setdefault(pid, table[pid][0])
     for pid, name in named.items():
         limits = procfs.proc_nofile(pid)
         if limits is None:
@@ -350,7 +354,9 @@ def plan(settings, options, table=None):
                 planned.append(item)
             parts[part].append({"files": planned, "restart": group["restart"], "restart_why": None})
     table = procfs.process_table() if table is None else table
-    found = processes(table, limits["kinds"])
+    scripts = [procfs.pid_from(g["restart"]["pidfile"]) for g in limits["parts"]["init_scripts"]
+               if g["restart"] and g["restart"]["pidfile"]]
+    found = processes(table, limits["kinds"], procfs.subtree(table, [pid for pid in scripts if pid]))
     members = _members(table, settings, parts, found)
     cap = procfs.has_cap_sys_resource("self")
     for pid, proc in sorted(found.items()):
@@ -428,25 +434,34 @@ def apply(settings, options, planned, part, test):
             or p["member"] is None and p["kind"] == part]
     raised = raise_live(mine, test)
     errors.extend(r["comment"] for r in raised if not r["ok"])
+    reload_needed = False
     for group in planned["parts"][part]:
         for item in group["files"]:
             if item["changed"] and not test:
                 write_file(options, item)
                 item["written"] = True
+                reload_needed = reload_needed or item["what"] == "LimitNOFILE"
             files.append(item)
-        if group["restart_why"] and group["restart"] and limits["restart"] != "never":
-            when = "always" if limits["restart"] == "always" else "running"
-            try:
-                done = restart(options, group["restart"]["name"], group["restart"]["pidfile"], when,
-                               limits["init_system"], limits["timeout"], limits["grace"], test)
-                done["comment"] = f"{done['comment']} (why: {group['restart_why']})"
-                restarts.append(done)
-            except CommandExecutionError as exc:
-                errors.append(str(exc))
-        elif group["restart_why"] and group["restart"]:
-            restarts.append({"name": group["restart"]["name"], "changed": False, "old": None, "new": None,
-                             "comment": f"{group['restart']['name']}: restart is off (restart: never); stop and "
-                                        f"start it yourself for the new limit ({group['restart_why']})"})
+    if reload_needed and limits["init_system"] == "systemd":
+        # systemd reads a new drop-in only after daemon-reload: the next start needs it.
+        services.systemd_reload(options, limits["timeout"])
+    for group in planned["parts"][part]:
+        why, target = group["restart_why"], group["restart"]
+        if not (why and target):
+            continue
+        if limits["restart"] == "never":
+            restarts.append({"name": target["name"], "changed": False, "old": None, "new": None,
+                             "comment": f"{target['name']}: restart is off (restart: never); stop and start it "
+                                        f"yourself for the new limit ({why})"})
+            continue
+        when = "always" if limits["restart"] == "always" else "running"
+        try:
+            done = restart(options, target["name"], target["pidfile"], when, limits["init_system"],
+                           limits["timeout"], limits["grace"], test)
+            done["comment"] = f"{done['comment']} (why: {why})"
+            restarts.append(done)
+        except CommandExecutionError as exc:
+            errors.append(str(exc))
     return {"files": files, "raised": raised, "restarts": restarts, "errors": errors}
 
 
@@ -491,7 +506,9 @@ def _why_low(entry, wanted, table, nr_open):
 
 
 def report(proc_root, wanted, names, pidfiles, parents=None, table=None):
-    """One look at /proc: the open-file limits of every matching process."""
+    """One look at /proc: the open-file limits of every process going by one
+    of ``names`` (and the children of ``parents``), or, with ``pidfiles``,
+    of every process in those daemons' trees."""
     table = procfs.process_table() if table is None else table
     scope = None
     if pidfiles:
@@ -499,6 +516,8 @@ def report(proc_root, wanted, names, pidfiles, parents=None, table=None):
         scope = procfs.subtree(table, roots)
     nr_open = procfs.nr_open(proc_root)
     named = procfs.named_processes(table, names, parents if parents is not None else names)
+    for pid in scope or ():  # the daemons named by pidfile, whatever their programs are called
+        named.setdefault(pid, table[pid][0])
     processes_, problems = [], []
     for pid in sorted(table):
         if scope is not None and pid not in scope:

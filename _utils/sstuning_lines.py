@@ -127,14 +127,17 @@ def _init_insert_index(lines):
 # "bad number"). Every edited text is checked before it is returned: it
 # parses (`sh -n`) and reads back as exactly the value asked for.
 # --------------------------------------------------------------------------
-def _read_shell(text, path, placement="end", key=None):
+def _read_shell(text, path, placement="end", key=None, parse=True):
     """The managed lines of a shell file (see sstuning_shellforms.Reader), after
-    refusing a binary, a script in another language and a file that does not
-    parse as it is."""
+    refusing a binary, a script in another language and (``parse``) a file
+    that does not parse as it is (``sh -n``, a process: a read that only
+    reports what the file sets leaves it to the reader, which refuses what
+    it cannot follow; every edit runs it)."""
     refuse_binary(text, path)
     if placement == "init":
         check_shell_script(_split_lines(text), path)
-    shell.check_original(text or "", path)
+    if parse:
+        shell.check_original(text or "", path)
     return shellforms.Reader(text or "", path, key)
 
 
@@ -174,7 +177,7 @@ def ulimit_values(text, path):
     sets both, `-Sn` the soft one, `-Hn` the hard one; later lines win. A
     line dash cannot run (a CR left in its value) sets nothing. Refuses, with
     path:line, a file it cannot read that way."""
-    return _read_shell(text, path).ulimit_values()
+    return _read_shell(text, path, parse=False).ulimit_values()
 
 
 def _ulimit_bodies(soft, hard):
@@ -241,7 +244,7 @@ def assignment_value(text, key, path):
     `KEY=value` or `export KEY=value`, quotes removed; a CR left by a CRLF
     line end is part of it, as in dash), or None when the file does not set
     it. Refuses, with path:line, a file that sets it in a form it cannot read."""
-    return _read_shell(text, path, key=key).assignment_value()
+    return _read_shell(text, path, key=key, parse=False).assignment_value()
 
 
 def render_assignment(text, key, value, path):

@@ -257,6 +257,14 @@ def _systemctl(opts):
     return binary
 
 
+def systemd_reload(opts, timeout):
+    """``systemctl daemon-reload``: systemd reads changed drop-ins."""
+    argv = [_systemctl(opts), "daemon-reload"]
+    rc, output = run_service(argv, timeout)
+    if rc != 0:
+        raise CommandExecutionError(f"the drop-ins were written, but {_describe_run(argv, rc, output)}")
+
+
 def _main_pid(systemctl, unit, timeout):
     rc, output = run_service([systemctl, "show", "--property=MainPID", "--value", "--", unit], timeout)
     return int(output) if rc == 0 and output.isdigit() and int(output) > 0 else None

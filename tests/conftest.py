@@ -12,7 +12,8 @@ from saltfactories.cli.call import SaltCall
 
 from support.common import REPO, read_in_netns
 
-from sstuning_catalogue import CATALOGUE  # the flat engine file (pytest.ini puts _utils on sys.path)
+from sstuning_catalogue import CATALOGUE  # the flat engine files (pytest.ini puts _utils on sys.path)
+from sstuning_daemons import KINDS
 
 # Every key this package knows, plus the global ones a child network namespace
 # can still reach on this kernel (fs.* is not namespaced at all).
@@ -90,9 +91,11 @@ class Masterless:
 
     def pillar(self, tuning):
         """Write pillar shadowsocks:tuning for this minion. Unless the test says
-        otherwise, the open-file part stays off the host's real supervisor and
-        shadowsocks-libev files and services."""
-        tuning = {"limits": {"supervisor": None, "shadowsocks_libev": None}, **tuning}
+        otherwise, the open-file part stays off the host's real files and
+        services: every kind of daemon is off, but those the test names."""
+        limits = tuning.get("limits", {})
+        if isinstance(limits, dict):
+            tuning = {**tuning, "limits": {**{kind: None for kind in KINDS}, **limits}}
         (self.root / "pillar" / "shadowsocks.sls").write_text(yaml.safe_dump({"shadowsocks": {"tuning": tuning}}))
 
     def run(self, *args, **kwargs):

@@ -2,8 +2,8 @@
 SLS shadowsocks.tuning.nofile), on real files in a temporary root and real
 processes started by real init scripts (small sh scripts in a temporary
 init.d, so nothing of the host's services is touched). systemd is not PID 1
-here: its path is checked through the rendered drop-ins and the systemctl
-commands a recording stand-in receives."""
+here: the systemd path runs against a real systemd in a container
+(tests/integration/test_systemd_servers.py)."""
 
 import os
 import re
@@ -15,19 +15,14 @@ import time
 
 import pytest
 
-import sstuning_limits as limits_engine  # the flat engine files (pytest.ini puts _utils on sys.path)
-import sstuning_lines as lines
-import sstuning_procfs as procfs
+import sstuning_procfs as procfs  # the flat engine files (pytest.ini puts _utils on sys.path)
 from support.common import FAKE_INIT, kill_started_from
 
-# The state IDs of salt/shadowsocks/tuning/nofile.sls: one per part of pillar
-# `limits` (write its files, then stop and start what changed), then the proof.
-SUPERVISOR = "shadowsocks-tuning-nofile-supervisor"
-SSLIBEV = "shadowsocks-tuning-nofile-shadowsocks-libev"
-SCRIPTS = "shadowsocks-tuning-nofile-init-scripts"
-UNITS = "shadowsocks-tuning-nofile-units"
+# The state IDs of salt/shadowsocks/tuning/nofile.sls: every kind of daemon
+# (raise in place, write its files, restart what cannot be raised), then the proof.
+NOFILE = "shadowsocks-tuning-nofile"
 VERIFY = "shadowsocks-tuning-nofile-verify"
-ACTING = (SUPERVISOR, SSLIBEV, SCRIPTS, UNITS)
+ACTING = (NOFILE,)
 
 
 BROKEN_INIT = """#!/bin/sh
@@ -89,11 +84,12 @@ class Box:
     def pid(self, name):
         return procfs.pid_from(str(self.pidfile(name)))
 
-    def start(self, name, nofile=1024):
-        """Start a fake service the way an admin shell with `ulimit -n 1024` would."""
+    def start(self, name, nofile=1024, hard=None):
+        """Start a fake service the way an admin shell with `ulimit -n 1024`
+        would (``hard``: a shell that kept its hard limit, `ulimit -Sn`)."""
         subprocess.run(
             [str(self.root / "init.d" / name), "start"], check=True, timeout=10,
-            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard or nofile)),
         )
         # The pidfile names the forked shell before it execs the daemon: wait
         # for the exec, or a check may still see `sh` under that pid.
@@ -162,12 +158,14 @@ def wait_pid_changed(box, name, old, timeout=10):
 
 def file_changes(ret):
     """The file entries of a limits_applied state's changes: {path: {old, new, diff}}."""
-    return {key: value for key, value in ret["changes"].items() if not key.startswith("service ")}
+    return {key: value for key, value in ret["changes"].items() if key.startswith("/")}
 
 
 def test_sysvinit_path_limit_reaches_the_restarted_daemons_and_clean_restores(box):
     """The recipe's own path, for real: `ulimit -n` in a sourced defaults file
-    and in an init script, stop then start, and /proc shows the new limit."""
+    and in an init script, then stop and start, and /proc shows the new limit.
+    The daemons run at 1024:1024: without CAP_SYS_RESOURCE their hard limit
+    cannot be raised in place, so the default policy (live) restarts them."""
     sup_pid = box.start("fake-supervisor")
     ss_pid = box.start("fakess")
     assert procfs.proc_nofile(sup_pid) == (1024, 1024)
@@ -179,32 +177,30 @@ def test_sysvinit_path_limit_reaches_the_restarted_daemons_and_clean_restores(bo
     predicted = box.apply("test=True")
     assert box.files() == before and box.pid("fake-supervisor") == sup_pid, "test=True changed something"
     assert set(predicted) == {*ACTING, VERIFY}
-    for sid in (SUPERVISOR, SSLIBEV, SCRIPTS):
-        assert predicted[sid]["result"] is None and predicted[sid]["changes"], sid
-    assert set(predicted[SUPERVISOR]["changes"]) == {
-        str(box.supervisor_defaults), str(box.supervisord_conf), "service fake-supervisor"}
-    defaults = predicted[SUPERVISOR]["changes"][str(box.supervisor_defaults)]
+    nofile = predicted[NOFILE]
+    assert nofile["result"] is None
+    assert set(nofile["changes"]) == {str(box.supervisor_defaults), str(box.supervisord_conf),
+                                      str(box.sslibev_defaults), str(box.fakess), "service fake-supervisor",
+                                      "service fakess"}
+    defaults = nofile["changes"][str(box.supervisor_defaults)]
     assert (defaults["old"], defaults["new"]) == (None, "4096") and "+ulimit -n 4096" in defaults["diff"]
-    assert predicted[SUPERVISOR]["changes"]["service fake-supervisor"]["old"] == f"running (pid {sup_pid})"
-    assert set(predicted[SCRIPTS]["changes"]) == {str(box.fakess), "service fakess"}
-    # shadowsocks-libev is not running: its file changes, the service is left alone.
-    assert set(predicted[SSLIBEV]["changes"]) == {str(box.sslibev_defaults)}
-    assert "fake-sslibev is not running: left stopped" in predicted[SSLIBEV]["comment"]
-    assert predicted[UNITS]["result"] is True and not predicted[UNITS]["changes"], "no systemd here: no drop-ins"
-    assert "nothing installed to manage" in predicted[UNITS]["comment"]
+    assert nofile["changes"]["service fake-supervisor"]["old"] == f"running (pid {sup_pid})"
+    # Why each restart: the prediction names the process that cannot be raised in place.
+    assert f"supervisord (pid {sup_pid}) 1024:1024: cannot be raised in place: its hard limit 1024 is below 4096" \
+        in nofile["comment"]
+    # shadowsocks-libev is not running: its file changes, no service is touched.
+    assert "fake-sslibev" not in nofile["comment"]
 
     applied = box.apply()
     assert all(ret["result"] is True for ret in applied.values()), {k: v["comment"] for k, v in applied.items()}
-    for sid in ACTING:
-        # The same files with the same edits, and the same services stopped and started.
-        assert set(applied[sid]["changes"]) == set(predicted[sid]["changes"]), sid
-        assert file_changes(applied[sid]) == file_changes(predicted[sid]), sid
-    assert "fake-sslibev is not running: left stopped" in applied[SSLIBEV]["comment"]
+    # The same files with the same edits, and the same services stopped and started.
+    assert set(applied[NOFILE]["changes"]) == set(nofile["changes"])
+    assert file_changes(applied[NOFILE]) == file_changes(nofile)
     new_sup = wait_pid_changed(box, "fake-supervisor", sup_pid)
     new_ss = wait_pid_changed(box, "fakess", ss_pid)
     assert new_sup != sup_pid and new_ss != ss_pid
     assert not procfs.alive(sup_pid) and not procfs.alive(ss_pid)
-    assert applied[SUPERVISOR]["changes"]["service fake-supervisor"] == {
+    assert applied[NOFILE]["changes"]["service fake-supervisor"] == {
         "old": f"running (pid {sup_pid})", "new": f"running (pid {new_sup})"}
     assert procfs.proc_nofile(new_sup) == (4096, 4096)
     assert procfs.proc_nofile(new_ss) == (4096, 4096)
@@ -223,6 +219,35 @@ def test_sysvinit_path_limit_reaches_the_restarted_daemons_and_clean_restores(bo
     undo = box.minion.run("state.apply", "shadowsocks.tuning.clean")
     assert undo.returncode == 0, undo.stdout
     assert box.files() == before
+
+
+def test_a_daemon_whose_hard_limit_allows_it_is_raised_in_place_not_restarted(box):
+    """Debian's supervisord runs at soft 1024 under a hard limit it inherited
+    (20000 here): the default policy raises its soft limit in place with
+    prlimit, so the same process, with every connection it holds, runs at
+    the new limit at once, and the files still make the next start right."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    wanted = min(4096, hard)
+    sup_pid = box.start("fake-supervisor", nofile=1024, hard=hard)
+    assert procfs.proc_nofile(sup_pid) == (1024, hard)
+    box.pillar(wanted, shadowsocks_libev=None, init_scripts=[],
+               verify={"pidfiles": [str(box.pidfile("fake-supervisor"))], "wait": 0})
+    predicted = box.apply("test=True")
+    assert procfs.proc_nofile(sup_pid) == (1024, hard), "test=True raised it"
+    assert f"supervisord (pid {sup_pid}) would be raised in place from 1024:{hard} to {wanted}:{hard}" in (
+        predicted[NOFILE]["comment"])
+    assert "service fake-supervisor" not in predicted[NOFILE]["changes"]
+    applied = box.apply()
+    assert applied[NOFILE]["result"] is True, applied[NOFILE]["comment"]
+    assert box.pid("fake-supervisor") == sup_pid and procfs.alive(sup_pid), "it was restarted"
+    assert procfs.proc_nofile(sup_pid) == (wanted, hard)
+    assert applied[NOFILE]["changes"][f"pid {sup_pid}"] == {"old": f"1024:{hard}", "new": f"{wanted}:{hard}"}
+    assert f"read back from /proc/{sup_pid}/limits; no connection was cut" in applied[NOFILE]["comment"]
+    assert "service fake-supervisor" not in applied[NOFILE]["changes"]
+    assert box.supervisor_defaults.read_text().endswith(f"ulimit -n {wanted}\n")  # for the next start
+    assert applied[VERIFY]["result"] is True, applied[VERIFY]["comment"]
+    again = box.apply()
+    assert all(ret["result"] is True and not ret["changes"] for ret in again.values())
 
 
 def salt_grantable(box):
@@ -255,6 +280,8 @@ def test_bad_input_fails_every_state_and_touches_nothing(box, nofile, extra, exp
     before = box.files()
     box.pillar(nofile, **extra)
     states = box.apply()
+    # The proof state checks the same plan: it fails with the problem too.
+    assert states[VERIFY]["result"] is False and expected in states[VERIFY]["comment"]
     for sid in ACTING:
         # Each part checks the whole pillar first: the problem is named in all of them.
         assert states[sid]["result"] is False, sid
@@ -321,85 +348,13 @@ def test_a_service_that_does_not_start_fails_its_state_by_name(box, script, expe
     box.pillar(4096, restart="always", timeout=2, init_scripts=[str(path)],
                supervisor=None, shadowsocks_libev=None, verify={"pidfiles": [], "wait": 0})
     states = box.apply()
-    assert states[SUPERVISOR]["result"] is True and states[SSLIBEV]["result"] is True  # turned off: untouched
-    restart = states[SCRIPTS]
+    restart = states[NOFILE]
     assert restart["result"] is False
     assert restart["comment"].startswith(expected.format(root=box.root)), restart["comment"]
+    assert "supervisor" not in restart["comment"]  # turned off: untouched
     # The limit was written before the start was tried, and the state shows it as a change.
     assert "ulimit -n 4096" in path.read_text().split("\n")
     assert restart["changes"][str(path)]["new"] == "4096"
-
-
-FAKE_SYSTEMCTL = """#!/bin/sh
-echo "$@" >> {log}
-case "$1" in
-  is-active) [ "$4" = supervisor.service ] && exit 0; exit 3 ;;
-esac
-exit 0
-"""
-
-
-def test_systemd_path_renders_dropins_and_restarts_through_systemctl(make_masterless, tmp_path):
-    """systemd chosen (its marker directory exists): LimitNOFILE drop-ins for
-    installed units only, template units included, then daemon-reload and
-    (try-)restart; no cap check, since systemd (PID 1) grants the limit.
-    systemd is not PID 1 here, so `systemctl` is a stand-in that records its
-    arguments and says supervisor.service is the one active unit: the drop-ins
-    are real files, what systemd would do with them is not exercised."""
-    root = tmp_path / "sd"
-    marker, etc, lib = root / "run/systemd/system", root / "etc/systemd/system", root / "lib/systemd/system"
-    for directory in (marker, etc, lib):
-        directory.mkdir(parents=True)
-    for unit in ("supervisor.service", "shadowsocks-libev.service", "shadowsocks-libev-server@.service"):
-        (lib / unit).write_text(text_or(f"/lib/systemd/system/{unit}", "[Service]\nExecStart=/bin/true\n"))
-    log = root / "systemctl.log"
-    systemctl = root / "systemctl"
-    systemctl.write_text(FAKE_SYSTEMCTL.format(log=log))
-    systemctl.chmod(0o755)
-    minion = make_masterless(**{
-        "shadowsocks_tuning.systemd_marker": str(marker),
-        "shadowsocks_tuning.systemd_dir": str(etc),
-        "shadowsocks_tuning.unit_dirs": [str(etc), str(lib)],
-        "shadowsocks_tuning.systemctl": str(systemctl),
-    })
-    assert minion.run("shadowsocks_tuning.init_system").data == "systemd"
-    nofile = 51200  # above this machine's hard limit: fine, PID 1 grants it
-    # init_system is left at `auto`: the marker directory alone selects systemd.
-    minion.pillar({"config": str(minion.config), "nofile": nofile, "limits": {
-        "supervisor": {"defaults_file": None, "config": None},
-        "shadowsocks_libev": {"defaults_file": None},
-        "units": ["shadowsocks-rust.service"],
-        "verify": {"pidfiles": [str(root / "none.pid")], "wait": 0},
-    }})
-    assert minion.run("shadowsocks_tuning.settings").data["init_system"] == "systemd"
-    result = minion.run("state.apply", "shadowsocks.tuning.nofile")
-    states = {ret["__id__"]: ret for ret in result.data.values()}
-    assert all(ret["result"] is True for ret in states.values()), {k: v["comment"] for k, v in states.items()}
-    name = limits_engine.DROPIN_NAME
-    assert (etc / "supervisor.service.d" / name).read_text() == lines.render_dropin(nofile, "supervisor.service")
-    assert (etc / "shadowsocks-libev-server@.service.d" / name).read_text() == lines.render_dropin(
-        nofile, "shadowsocks-libev-server@.service")
-    assert (etc / "shadowsocks-libev.service.d" / name).exists()
-    assert not (etc / "shadowsocks-libev-local@.service.d").exists()
-    assert not (etc / "shadowsocks-rust.service.d").exists()
-    assert set(states[SUPERVISOR]["changes"]) == {str(etc / "supervisor.service.d" / name), "service supervisor.service"}
-    assert "shadowsocks-rust.service is not installed" in states[UNITS]["comment"]
-    assert not states[UNITS]["changes"]
-    calls = log.read_text().splitlines()
-    assert "try-restart -- supervisor.service" in calls
-    assert "try-restart -- shadowsocks-libev-server@*.service" in calls
-    assert "try-restart -- shadowsocks-libev.service" not in calls  # not active: reload only
-    assert "shadowsocks-libev.service is not active" in states[SSLIBEV]["comment"]
-    assert calls.count("daemon-reload") == 3
-    assert not any(c.startswith(("restart", "stop", "start")) for c in calls)
-
-    log.write_text("")
-    again = minion.run("state.apply", "shadowsocks.tuning.nofile")
-    assert all(ret["result"] is True and not ret["changes"] for ret in again.data.values())
-    assert log.read_text() == "", "nothing changed, so nothing restarted"
-
-    minion.run("state.apply", "shadowsocks.tuning.clean")
-    assert not list(etc.rglob(name))
 
 
 def test_execution_functions_through_the_loader(box):
