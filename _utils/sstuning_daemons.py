@@ -32,7 +32,7 @@ A kind's fields (all but ``programs`` optional):
   children        ``inherit``: the programs it starts get its limits (so a
                   live raise of the parent reaches programs started later)
   configs         ``{paths, format, ports}``: config files (globs), their
-                  format (``json``, ``json5``, ``yaml``) and the fields that
+                  format (``json``, ``json5``, ``jsonc``, ``yaml``) and the fields that
                   are ports (``sstuning_configs`` reads them); their ports
                   are kept out of the outbound port range
   needs_ports     True for multi-protocol servers (xray, v2ray, sing-box):
@@ -44,9 +44,23 @@ A kind's fields (all but ``programs`` optional):
 # (obfs-server listens on the server port).
 PLUGINS = ["obfs-server", "obfs-local", "v2ray-plugin", "xray-plugin"]
 
-# Ports in shadowsocks-libev and shadowsocks-rust configs.
-_SS_PORTS = ["server_port", "local_port", "manager_address", "manager_port", "port_password.*",
-             "servers[].server_port", "locals[].local_port"]
+# The fields of each server's configs that hold the ports it listens on
+# (sstuning_configs reads them; a client's server_port names a remote port:
+# reserving it here as well costs nothing). Where each comes from:
+# shadowsocks-libev: jconf.c and shadowsocks-libev(8) "CONFIG FILE" (ports as
+# numbers or strings; ss-manager's port_password, a "host:port"
+# manager_address).
+_LIBEV_PORTS = ["server_port", "local_port", "manager_address", "port_password.*"]
+# shadowsocks-rust: its README "Configuration", read with the json5 crate: the
+# single-server keys, servers[] (server_port, or its alias port), locals[]
+# (sslocal's listeners, local_udp_port for SOCKS5's UDP), ssmanager's
+# manager_address (an IP, a path, or "host:port") with manager_port.
+_RUST_PORTS = ["server_port", "local_port", "servers[].server_port", "servers[].port", "locals[].local_port",
+               "locals[].local_udp_port", "manager_address", "manager_port"]
+# Xray and v2ray InboundObject.port: a number, "1234", a range "5-10" (v2ray),
+# a list "80,1000-2000" (Xray); v2ray 4 still reads v3's "inbound" and
+# "inboundDetour". Their JSON takes // and /* */ and # comments (jsonc).
+_V2RAY_PORTS = ["inbounds[protocol=shadowsocks].port"]
 
 KINDS = {
     "supervisor": {
@@ -71,7 +85,7 @@ KINDS = {
         "defaults_file": "/etc/default/shadowsocks-libev",
         "defaults_limit": "MAXFD",
         "config_limit": "nofile",
-        "configs": {"paths": ["/etc/shadowsocks-libev/*.json"], "format": "json", "ports": _SS_PORTS},
+        "configs": {"paths": ["/etc/shadowsocks-libev/*.json"], "format": "json", "ports": _LIBEV_PORTS},
     },
     "shadowsocks_rust": {
         "description": "shadowsocks-rust (its Debian packaging, template units, the snap): ssserver, ssservice, ...",
@@ -87,7 +101,7 @@ KINDS = {
         "raises_soft": True,
         "configs": {"paths": ["/etc/shadowsocks-rust/*.json", "/var/snap/shadowsocks-rust/common/etc/*.json",
                               "/var/snap/shadowsocks-rust/common/etc/shadowsocks-rust/*.json"],
-                    "format": "json5", "ports": _SS_PORTS},
+                    "format": "json5", "ports": _RUST_PORTS},
     },
     "outline": {
         "description": "outline-ss-server (Go; its own unit, or Outline's shadowbox state on the host)",
@@ -96,7 +110,10 @@ KINDS = {
         "raises_soft": True,
         "configs": {"paths": ["/etc/outline-ss-server/*.yml", "/etc/outline-ss-server/*.yaml",
                               "/opt/outline/persisted-state/outline-ss-server/config.yml"],
-                    "format": "yaml", "ports": ["keys[].port", "services[].listeners[].address"]},
+                    # config_example.yml: keys[].port (before v1.7), services[].listeners[].address
+                    # (v1.7+), web.servers[].listen[] (v1.9+, the WebSocket server).
+                    "format": "yaml", "ports": ["keys[].port", "services[].listeners[].address",
+                                                "web.servers[].listen[]"]},
     },
     "xray": {
         "description": "Xray-core (Go) with a shadowsocks inbound",
@@ -104,8 +121,8 @@ KINDS = {
         "units": ["xray.service", "xray@.service"],
         "raises_soft": True,
         "needs_ports": True,
-        "configs": {"paths": ["/usr/local/etc/xray/*.json", "/etc/xray/*.json"], "format": "json5",
-                    "ports": ["inbounds[protocol=shadowsocks].port"]},
+        "configs": {"paths": ["/usr/local/etc/xray/*.json", "/etc/xray/*.json"], "format": "jsonc",
+                    "ports": _V2RAY_PORTS},
     },
     "v2ray": {
         "description": "V2Ray (Go; Debian 12 packages 4.34) with a shadowsocks inbound",
@@ -113,8 +130,9 @@ KINDS = {
         "units": ["v2ray.service", "v2ray@.service"],
         "raises_soft": True,
         "needs_ports": True,
-        "configs": {"paths": ["/etc/v2ray/*.json", "/usr/local/etc/v2ray/*.json"], "format": "json5",
-                    "ports": ["inbounds[protocol=shadowsocks].port"]},
+        "configs": {"paths": ["/etc/v2ray/*.json", "/usr/local/etc/v2ray/*.json"], "format": "jsonc",
+                    "ports": _V2RAY_PORTS + ["inbound[protocol=shadowsocks].port",
+                                             "inboundDetour[protocol=shadowsocks].port"]},
     },
     "sing_box": {
         "description": "sing-box (Go) with a shadowsocks inbound",
@@ -122,7 +140,8 @@ KINDS = {
         "units": ["sing-box.service", "sing-box@.service"],
         "raises_soft": True,
         "needs_ports": True,
-        "configs": {"paths": ["/etc/sing-box/*.json"], "format": "json",
+        # sing-box configuration/inbound/shadowsocks: the listen fields' listen_port.
+        "configs": {"paths": ["/etc/sing-box/*.json"], "format": "jsonc",
                     "ports": ["inbounds[type=shadowsocks].listen_port"]},
     },
 }

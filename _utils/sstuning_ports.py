@@ -3,19 +3,18 @@ The sockets of shadowsocks. The ports it listens on, so they can be
 reserved from the local port range (``net.ipv4.ip_local_reserved_ports``):
 an outbound connection that picks a server's port before the server binds
 it keeps the server from starting; found in shadowsocks-libev's JSON
-configs and in the sockets running shadowsocks processes listen on. And the
-live connections a restart would cut. Reads files, /proc and sock_diag only.
+configs (read by sstuning_configs) and in the sockets running shadowsocks
+processes listen on. And the live connections a restart would cut. Reads
+files, /proc and sock_diag only.
 """
 
 import contextlib
 import functools
-import json
 import os
 import socket
 import struct
 
 import sstuning_configs as configs
-import sstuning_journal as journal
 import sstuning_procfs as procfs
 
 # linux/sock_diag.h, linux/inet_diag.h, linux/netlink.h
@@ -24,39 +23,6 @@ _SOCK_DIAG_BY_FAMILY = 20
 _NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _TCP_ESTABLISHED, _TCP_LISTEN, _TCP_CLOSE = 1, 10, 7  # a bound UDP socket shows as TCP_CLOSE
-
-
-def _port_of(value):
-    """A port from 8388, "8388" or "127.0.0.1:6001" (a manager address); else None."""
-    text = str(value).rsplit(":", 1)[-1] if isinstance(value, (int, str)) and not isinstance(value, bool) else ""
-    return int(text) if text.isdigit() and 1 <= int(text) <= 65535 else None
-
-
-def config_ports(config_dir):
-    """{port: where} from every ``*.json`` in shadowsocks-libev's config
-    directory: ``server_port``, the keys of ``port_password``, the port of
-    ``manager_address`` and ``local_port``."""
-    found = {}
-    try:
-        names = sorted(name for name in os.listdir(config_dir) if name.endswith(".json"))
-    except OSError:
-        return found
-    for path in (os.path.join(config_dir, name) for name in names):
-        try:
-            data = json.loads(journal.read_text(path, max_bytes=1 << 20) or "null")
-        except (OSError, ValueError, journal.NotRegularFile):
-            continue  # not ours to judge: a broken config fails its own daemon
-        if not isinstance(data, dict):
-            continue
-        candidates = [("server_port", data.get("server_port")), ("local_port", data.get("local_port")),
-                      ("manager_address", data.get("manager_address"))]
-        if isinstance(data.get("port_password"), dict):
-            candidates += [("port_password", port) for port in data["port_password"]]
-        for field, value in candidates:
-            port = _port_of(value)
-            if port:
-                found.setdefault(port, f"{path} ({field})")
-    return found
 
 
 def kind_config_ports(kind_configs):

@@ -489,7 +489,7 @@ def _resolve_limits(settings, pick, errors, box, nofile_unset):
 
 _PROGRAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
-CONFIG_FORMATS = ("json", "json5", "yaml")
+CONFIG_FORMATS = ("json", "json5", "jsonc", "yaml")
 
 
 def _target(kind, path, where, **extra):

@@ -11,6 +11,7 @@ the minion options (``sstuning_settings.options``) as plain values.
 """
 
 import errno
+import glob
 import os
 import re
 import shutil
@@ -313,7 +314,7 @@ def config_ports(options, kinds):
             continue
         if name == "shadowsocks_libev" and options["ss_config_dir"] != OPTIONS["ss_config_dir"]:
             # The minion option of earlier releases moves libev's config directory.
-            kind_configs = dict(kind_configs, paths=[os.path.join(options["ss_config_dir"], "*.json")])
+            kind_configs = dict(kind_configs, paths=[os.path.join(glob.escape(options["ss_config_dir"]), "*.json")])
         for port, where in ports.kind_config_ports(kind_configs).items():
             found.setdefault(port, where)
     return found

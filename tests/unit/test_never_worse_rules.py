@@ -10,6 +10,17 @@ from salt.exceptions import SaltInvocationError
 import sstuning_ports as ports
 import sstuning_settings as settings
 from sstuning_catalogue import CATALOGUE, PROFILES, RECIPE, keep_higher, parse_ports, ports_text
+import sstuning_daemons
+import sstuning_settings
+import sstuning_sysctl
+
+def libev_dir_ports(config_dir):
+    """The ports of shadowsocks-libev's configs in ``config_dir`` (minion
+    option ss_config_dir), as a run finds them."""
+    options = sstuning_settings.options({"shadowsocks_tuning.ss_config_dir": str(config_dir)}.get)
+    kinds = {"shadowsocks_libev": sstuning_daemons.KINDS["shadowsocks_libev"]}
+    return sstuning_sysctl.config_ports(options, kinds)
+
 
 
 def test_every_field_of_a_directed_key_has_a_direction():
@@ -94,7 +105,7 @@ def test_config_ports_come_from_every_json_config(tmp_path):
         "port_password": {"8001": "a", "8002": "b"}, "manager_address": "127.0.0.1:6001"}))
     (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "other.txt").write_text(json.dumps({"server_port": 9999}))
-    found = ports.config_ports(str(tmp_path))
+    found = libev_dir_ports(str(tmp_path))
     assert set(found) == {8388, 1080, 8001, 8002, 6001}
     assert "config.json (server_port)" in found[8388]
-    assert ports.config_ports(str(tmp_path / "missing")) == {}
+    assert libev_dir_ports(str(tmp_path / "missing")) == {}
