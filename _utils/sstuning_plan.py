@@ -32,7 +32,8 @@ class Plan(dict):
 
     settings, options   the resolved settings (None when pillar is invalid) and minion options
     sysctl, limits      the two halves (``sstuning_sysctl.plan``, ``sstuning_limits.plan``)
-    originals           the validated record of originals (None when it is broken)
+    originals           the record of originals as the plan read it (None when it is broken): a
+                        check only; every write reads it again under the lock
     pending             restarts an earlier run began and did not finish
     errors              every problem: any one stops every function that acts
     test                planned as a dry run (no module loaded)
@@ -150,5 +151,6 @@ def remember_limits(plan, part=None):
     if not items:
         return
     state_dir = plan.options["state_dir"]
-    journal.remember(state_dir, plan.originals if plan.originals is not None else journal.load_originals(state_dir),
-                     files=[item["path"] for item in items], written={item["path"]: item["text"] for item in items})
+    # Read again under the lock: an earlier write of this run added to it.
+    journal.remember(state_dir, journal.load_originals(state_dir), files=[item["path"] for item in items],
+                     written={item["path"]: item["text"] for item in items})

@@ -28,13 +28,9 @@ import sstuning_procfs as procfs
 from support.common import FAKE_INIT, kill_started_from
 
 SYSCTL = "shadowsocks-tuning-sysctl"
-SUPERVISOR = "shadowsocks-tuning-nofile-supervisor"
-SSLIBEV = "shadowsocks-tuning-nofile-shadowsocks-libev"
-SCRIPTS = "shadowsocks-tuning-nofile-init-scripts"
-UNITS = "shadowsocks-tuning-nofile-units"
+NOFILE = "shadowsocks-tuning-nofile"
 VERIFY = "shadowsocks-tuning-nofile-verify"
-EVERY_STATE = {SYSCTL, SUPERVISOR, SSLIBEV, SCRIPTS, UNITS, VERIFY}
-LIMIT_STATES = (SUPERVISOR, SSLIBEV, SCRIPTS, UNITS)
+EVERY_STATE = {SYSCTL, NOFILE, VERIFY}
 SLS = "shadowsocks.tuning"
 OLD_CONF = b"# owned by ops\nnet.core.somaxconn = 1024\n"
 
@@ -191,7 +187,7 @@ def test_a_misspelt_profile_fails_every_state_and_changes_nothing(box, test_mode
     pid = box.start("fake-supervisor")
     files, sysctls = box.files(), live_values(box.minion.netns)
     box.pillar(profile="bbrr")
-    # The open-file part on its own would change the defaults file (1024 -> 4096) and restart supervisor.
+    # The open-file part on its own would change the defaults file (1024 -> 4096).
     assert "ulimit -n 1024" in box.supervisor_defaults.read_text().splitlines()
 
     states = box.apply(*(["test=True"] if test_mode else []))
@@ -312,22 +308,26 @@ def test_paths_with_hash_and_scripts_with_one_name_in_two_dirs_are_all_managed(b
 
     assert all(ret["result"] is True for ret in states.values()), {k: v["comment"] for k, v in states.items()}
     assert hashed.read_text() == before.replace("ulimit -n 1024", "ulimit -n 4096")
-    assert str(hashed) in states[SUPERVISOR]["changes"]
+    assert str(hashed) in states[NOFILE]["changes"]
     for path in twins:
         lines = path.read_text().split("\n")
         assert lines[lines.index("### END INIT INFO") + 2] == "ulimit -n 4096", path
         assert os.access(path, os.X_OK)
-    assert set(states[SCRIPTS]["changes"]) == {str(p) for p in twins}
-    assert states[SCRIPTS]["comment"].count("fakess is not running: left stopped") == 2
+        assert str(path) in states[NOFILE]["changes"]
+    assert not [key for key in states[NOFILE]["changes"] if key.startswith("service ")]  # nothing runs: no restart
 
 
 # --------------------------------------------------------------------------
 # (e) test=True tells the truth, and a second run is quiet
 # --------------------------------------------------------------------------
 def test_test_mode_predicts_the_real_run_and_a_second_run_changes_nothing(box):
+    """With `restart: running` (the policy of earlier releases), a service
+    whose file changed is stopped and started; supervisord already runs at
+    the limit, so the default policy (live) would leave it running."""
     pid = box.start("fake-supervisor")
     files = box.files()
-    box.pillar(limits=box.limits(init_scripts=[{"path": str(box.fakess), "pidfile": str(box.pidfile("fakess"))}]))
+    box.pillar(limits=box.limits(restart="running",
+                                 init_scripts=[{"path": str(box.fakess), "pidfile": str(box.pidfile("fakess"))}]))
 
     predicted = box.apply("test=True")
     assert box.files() == files and box.calls.read_text() == "", "test=True changed something"
@@ -335,18 +335,18 @@ def test_test_mode_predicts_the_real_run_and_a_second_run_changes_nothing(box):
 
     applied = box.apply()
     assert all(ret["result"] is True for ret in applied.values()), {k: v["comment"] for k, v in applied.items()}
-    for sid in LIMIT_STATES:
-        assert set(applied[sid]["changes"]) == set(predicted[sid]["changes"]), sid
-        for key, change in predicted[sid]["changes"].items():
-            if key.startswith("service "):
-                assert change["new"] == "stopped and started", (sid, key)
-            else:  # a file: exactly the edit predicted
-                assert applied[sid]["changes"][key] == change, (sid, key)
+    assert set(applied[NOFILE]["changes"]) == set(predicted[NOFILE]["changes"])
+    for key, change in predicted[NOFILE]["changes"].items():
+        if key.startswith("service "):
+            assert change["new"] == "stopped and started", key
+        else:  # a file: exactly the edit predicted
+            assert applied[NOFILE]["changes"][key] == change, key
     # What the prediction named did happen: supervisor stopped and started
-    # (the init script's own log says so), the limits written.
-    assert set(predicted[SUPERVISOR]["changes"]) == {
-        str(box.supervisor_defaults), str(box.supervisord_conf), "service fake-supervisor"}
-    assert set(predicted[SCRIPTS]["changes"]) == {str(box.fakess)}  # fakess is not running: no restart
+    # (the init script's own log says so), the limits written; fakess is not
+    # running: no restart.
+    assert set(predicted[NOFILE]["changes"]) == {
+        str(box.supervisor_defaults), str(box.supervisord_conf), str(box.sslibev_defaults), str(box.fakess),
+        "service fake-supervisor"}
     assert box.calls.read_text().split() == ["stop", "start"]
     new_pid = box.pid("fake-supervisor")
     assert new_pid != pid and procfs.proc_nofile(new_pid) == (4096, 4096)
