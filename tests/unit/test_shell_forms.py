@@ -82,14 +82,20 @@ def test_check_shell_gives_sh_s_own_message_with_path_and_line():
 def test_a_file_broken_before_any_edit_is_refused_and_named():
     # What the old renderer left of `ulimit -n` in both branches: it no longer parses.
     broken = 'if [ -n "$X" ]; then\n  ulimit -n 4096\nelse\nfi\n'
+    # An edit checks the file with `sh -n` first, and names sh's own complaint.
     for call in (lambda: sst_lines.render_ulimit(broken, 1024, PATH),
-                 lambda: sst_lines.ulimit_values(broken, PATH),
-                 lambda: sst_lines.render_assignment(broken, "MAXFD", "1024", PATH),
-                 lambda: sst_lines.assignment_value(broken, "MAXFD", PATH)):
+                 lambda: sst_lines.render_assignment(broken, "MAXFD", "1024", PATH)):
         with pytest.raises(CommandExecutionError) as err:
             call()
         assert str(err.value).startswith(f'{PATH}:4: Syntax error: "fi" unexpected')
         assert "does not parse as a shell script as it is now, before any edit by this package" in str(err.value)
+    # Reading what a file sets starts no process: the reader refuses what it cannot follow, naming the line.
+    for call in (lambda: sst_lines.ulimit_values(broken, PATH),
+                 lambda: sst_lines.ulimit_values("ulimit -n 4096\nif true; then\n  :\n", PATH),
+                 lambda: sst_lines.assignment_value('MAXFD=4096\ncase "$1" in\n', "MAXFD", PATH)):
+        with pytest.raises(CommandExecutionError) as err:
+            call()
+        assert str(err.value).startswith(f"{PATH}:"), str(err.value)
 
 
 # --------------------------------------------------------------------------
@@ -258,7 +264,7 @@ def test_a_soft_limit_below_a_higher_hard_one_is_not_kept_as_higher():
     text = f"ulimit -Hn {min(19000, HARD)}\nulimit -Sn 1024\n"
     new, old = sst_lines.render_ulimit(text, 4096, PATH)
     assert old == "1024"
-    assert keep_higher(None, "4096", old) == ("4096", None)  # the rule sstuning_limits applies: raised
+    assert keep_higher(None, "4096", old) == ("4096", ())  # the rule sstuning_limits applies: raised
     assert new == "ulimit -n 4096\n"
     assert sst_lines.render_ulimit("ulimit -n unlimited\n", 4096, PATH)[1] == "unlimited"
 
