@@ -536,7 +536,7 @@ def shell_for(text):
 
 def check_shell(text, path, shell=None):
     """Run `shell -n` (parse only, nothing runs) on `text` through stdin:
-    no shell=True, a clean environment, bounded in time. Raises
+    an argv list (no shell parses it), a clean environment, bounded in time. Raises
     CommandExecutionError with the shell's own message, as `path:line: ...`."""
     shell = shell or shell_for(text)
     try:

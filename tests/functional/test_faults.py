@@ -163,13 +163,13 @@ def test_persist_dir_full_or_read_only_puts_live_values_back_and_keeps_the_old_f
     faults = {
         # A 16 KiB tmpfs over the sysctl.d directory, holding the old file, then filled up;
         # what the tmpfs holds afterwards is copied out to `seen`.
-        "[Errno 28] No space left on device": with_fault(
+        "no space left on that file system: free some and run again": with_fault(
             masterless,
             setup=f"cp -a {conf_dir} {stash}\nmount -t tmpfs -o size=16k,mode=755 tmpfs {conf_dir}\n"
             f"cp -a {stash}/. {conf_dir}/\ndd if=/dev/zero of={conf_dir}/filler bs=4k 2>/dev/null || true",
             after=f"cp -a {conf_dir}/. {seen}/",
         ),
-        "[Errno 30] Read-only file system": with_fault(
+        "the file system is read-only: remount it read-write, or point the setting elsewhere": with_fault(
             masterless,
             setup=f"mount --bind {conf_dir} {conf_dir}\nmount -o remount,bind,ro {conf_dir}",
             after=f"cp -a {conf_dir}/. {seen}/",
@@ -195,7 +195,8 @@ def test_state_dir_read_only_or_full_fails_before_writing_anything(masterless):
     faults = {
         "Read-only file system": f"mount --bind {state} {state}\nmount -o remount,bind,ro {state}",
         # The lock can be taken (its file exists), the originals cannot be saved.
-        "No space left on device": f"mount -t tmpfs -o size=4k tmpfs {state}\ntouch {state}/lock\n"
+        "no space left on that file system: free some and run again":
+            f"mount -t tmpfs -o size=4k tmpfs {state}\ntouch {state}/lock\n"
         f"dd if=/dev/zero of={state}/filler bs=4k 2>/dev/null || true",
     }
     for error, fault in faults.items():
@@ -237,11 +238,9 @@ CRASHING_APPLY = r"""
 import json, os, signal, sys
 sys.path.insert(0, sys.argv[1])  # the flat engine files, as Salt syncs them into extmods/utils
 import sstuning_journal as journal
-import sstuning_limits as limits
-import sstuning_procfs as procfs
-import sstuning_settings as settings
+import sstuning_plan as plan
 import sstuning_sysctl as sysctl
-opts = settings.options(json.loads(sys.argv[2]).get)
+opts = plan.options(json.loads(sys.argv[2]).get)
 tuning = json.loads(sys.argv[3])
 victim = sys.argv[4]
 real_replace = os.replace
@@ -250,13 +249,11 @@ def replace(src, dst):
         os.kill(os.getpid(), signal.SIGKILL)  # the temporary file is complete; the rename never comes
     real_replace(src, dst)
 os.replace = replace
-# What shadowsocks_tuning.apply does: resolve, plan both halves under the lock, write.
+# What shadowsocks_tuning.apply does: plan both halves under the lock, write.
 with journal.lock(opts["state_dir"]):
-    resolved = settings.resolve(tuning, nr_open=procfs.nr_open(opts["proc_root"]))
-    prepared = sysctl.prepare(resolved, opts, False)
-    errors = prepared["errors"] + limits.plan(resolved, opts)["errors"]
-    assert not errors, errors
-    sysctl.apply(resolved, opts, prepared)
+    planned = plan.make(opts, {"shadowsocks": {"tuning": tuning}}, {}, False)
+    assert not planned.errors, planned.errors
+    sysctl.apply(planned.settings, opts, planned.sysctl)
 """
 
 
@@ -490,7 +487,11 @@ def test_written_files_are_root_0644_originals_0600_nothing_world_writable(maste
     open_umask = with_fault(masterless, "umask 000")
 
     assert state_of(open_umask.run("--local", "state.apply", SLS))["result"] is True
+    # A directory boot does not read: refused, unless pillar opts in.
     masterless.pillar({"config": str(nested)})
+    refused = state_of(open_umask.run("--local", "state.apply", SLS))
+    assert refused["result"] is False and "is not read at boot" in refused["comment"] and not nested.exists()
+    masterless.pillar({"config": str(nested), "config_outside_boot": True})
     assert state_of(open_umask.run("--local", "state.apply", SLS))["result"] is True
 
     for path in (masterless.config, nested):
