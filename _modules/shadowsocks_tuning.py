@@ -422,9 +422,11 @@ def container(format="compose", profile=None, service="shadowsocks", kind="shado
     sstuning_container.validate_format(format)
     sstuning_container.validate_service(service)
     resolved, options = _settings({"profile": profile})
-    if kind not in resolved["limits"]["kinds"]:
-        raise SaltInvocationError(f"kind: {kind!r} is not a kind of daemon managed here "
-                                  f"(known: {', '.join(resolved['limits']['kinds'])})")
+    # The container runs it, whether or not this box's pillar manages that kind here.
+    kinds = resolved["daemons"]
+    if kind not in kinds:
+        raise SaltInvocationError(f"kind: {kind!r} is not a kind of daemon this package knows "
+                                  f"(known: {', '.join(kinds)})")
     root = options["proc_root"]
     keys = set(resolved["sysctls"]) | {sstuning_procfs.AVAILABLE_CC, sstuning_procfs.ALLOWED_CC}
     live = {key: sstuning_procfs.read_or(root, key) for key in keys}
@@ -432,8 +434,8 @@ def container(format="compose", profile=None, service="shadowsocks", kind="shado
         resolved, format, live,
         available=(live[sstuning_procfs.AVAILABLE_CC] or "").split(),
         allowed=(live[sstuning_procfs.ALLOWED_CC] or "").split(),
-        config_ports=sstuning_sysctl.config_ports(options, resolved["limits"]["kinds"]), service=service,
-        kind=resolved["limits"]["kinds"][kind],
+        config_ports=sstuning_sysctl.config_ports(options, {kind: kinds[kind]}), service=service,
+        kind=kinds[kind],
     )
 
 
@@ -512,10 +514,10 @@ def diagnose(headroom=20, critical=5, names=None, previous=None, save=True):
     notes = []
     try:
         resolved, options = _settings()
-        config, wanted, kinds = resolved["config"], resolved["nofile"], resolved["limits"]["kinds"]
+        config, wanted, kinds = resolved["config"], resolved["nofile"], resolved["daemons"]
     except SaltInvocationError as exc:
         options, config, wanted = _options(), sstuning_settings.DEFAULTS["config"], None
-        kinds = sstuning_settings.resolve({})["limits"]["kinds"]
+        kinds = sstuning_settings.resolve({})["daemons"]
         notes.append(f"pillar {sstuning_settings.PILLAR} is not valid, so drift is checked against {config}: {exc}")
     result = sstuning_diagnose.report(options["proc_root"], options["state_dir"], config,
                                       sstuning_limits.process_names(names, kinds), limits[0], limits[1], wanted,

@@ -455,19 +455,21 @@ def _resolve_limits(settings, pick, errors, box, nofile_unset):
             f"{RECIPE_NOFILE} would fail here. Set pillar {PILLAR}:nofile to choose another value")
     settings["nofile"] = errors.call(validate_nofile, value, box["nr_open"], at)
 
-    parts, kinds = {}, {}
+    parts, kinds, known = {}, {}, {}
     for name in list(daemons.KINDS) + sorted(k for k in raw if k not in DEFAULTS["limits"] and k not in daemons.KINDS):
-        if name in raw and raw[name] is None:
-            continue  # turned off in pillar
-        kind = _resolve_kind(name, raw.get(name, {}), f"{where}:{name}", errors)
+        off = name in raw and raw[name] is None  # its limit is left alone; its ports are still reserved
+        kind = _resolve_kind(name, {} if off else raw.get(name, {}), f"{where}:{name}", errors)
         if kind is not None:
-            kinds[name] = kind
-            parts[name] = _kind_groups(kind, use_systemd, f"{where}:{name}")
+            known[name] = kind
+            if not off:
+                kinds[name] = kind
+                parts[name] = _kind_groups(kind, use_systemd, f"{where}:{name}")
     parts["init_scripts"] = _init_script_groups(limits.get("init_scripts"), f"{where}:init_scripts", errors)
     extra = _units(limits.get("units"), f"{where}:units", errors)
     parts["units"] = [{"files": [_target("dropin", None, None, unit=unit)], "restart": {"name": unit, "pidfile": None}}
                       for unit in extra] if use_systemd else []
     resolved["kinds"], resolved["parts"] = kinds, parts
+    settings["daemons"] = known  # every kind of daemon, managed or not: their ports, diagnose, container
 
     verify = limits.get("verify")
     if not isinstance(verify, dict):

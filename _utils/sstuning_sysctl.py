@@ -366,10 +366,10 @@ def plan(settings, options, test, kinds=None, table=None):
     """Everything ``apply`` would do, read but not written: ``{"decisions",
     "changes", "comment", "errors", "profile", "writes", "config_text",
     "modules_load"}``. ``kinds``: the kinds of daemon whose ports are
-    reserved (settings' by default); ``table``: the process table of this
+    reserved (every kind the settings know by default); ``table``: the process table of this
     run (``procfs.process_table``), read when needed and not given."""
     root, config = options["proc_root"], settings["config"]
-    kinds = settings["limits"]["kinds"] if kinds is None else kinds
+    kinds = settings["daemons"] if kinds is None else kinds
     errors, notes = check_config(settings, options)
     old_conf = None
     # Following a link would copy the target's lines into a 0644 file (and a

@@ -79,7 +79,7 @@ def test_compose_and_kubernetes_snippets_parse(minion):
     minion.pillar({"config": str(minion.config), "nofile": 16384})
     compose = ok(minion.run("shadowsocks_tuning.container", "format=compose", "profile=bbr"))
     assert yaml.safe_load(compose["text"]) == {"services": {"shadowsocks": {
-        "sysctls": compose["sysctls"], "ulimits": {"nofile": {"soft": 16384, "hard": 16384}}}}}
+        "sysctls": compose["sysctls"], "ulimits": {"nofile": {"soft": 16384, "hard": 524288}}}}}  # never below the runtime default hard limit
     kube = ok(minion.run("shadowsocks_tuning.container", "format=kubernetes", "profile=bbr"))
     assert kube["sysctls"] == compose["sysctls"]
     assert yaml.safe_load(kube["text"]) == {"securityContext": {"sysctls": [
@@ -87,7 +87,7 @@ def test_compose_and_kubernetes_snippets_parse(minion):
     assert "net.core.somaxconn" in kube["unsafe_in_kubernetes"]
     assert "net.ipv4.ip_local_port_range" not in kube["unsafe_in_kubernetes"]
     docker = ok(minion.run("shadowsocks_tuning.container", "format=docker", "profile=bbr"))
-    assert "--ulimit nofile=16384:16384" in docker["text"]
+    assert "--ulimit nofile=16384:524288" in docker["text"]
 
 
 def test_bad_arguments_are_named(minion):

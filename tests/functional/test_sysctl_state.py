@@ -93,8 +93,8 @@ def test_profile_inheritance_and_overrides_from_pillar(masterless):
     assert masterless.read("net.ipv4.tcp_congestion_control") == "bbr"
 
 
-def test_state_single_takes_arguments_like_the_sls_takes_pillar(masterless, tmp_path):
-    config = tmp_path / "single.conf"
+def test_state_single_takes_arguments_like_the_sls_takes_pillar(masterless):
+    config = masterless.config.parent / "60-single.conf"  # read at boot: in the admin's sysctl.d
     ret = masterless.run("state.single", "shadowsocks_tuning.tuned", "name=x", "profile=bbr", f"config={config}").data
     (only,) = ret.values()
     assert only["result"] is True and str(config) in only["changes"]
