@@ -46,6 +46,13 @@ def _parser(prog):
 
 
 def _arguments(argv, prog):
+    if "--pillar" in argv:  # said before argparse, which only knows that one argument is missing
+        after = argv[argv.index("--pillar") + 1:][:1]
+        if not after:
+            raise Refused(f"--pillar needs a file: {prog} --pillar my.sls (a pillar file holding shadowsocks: "
+                          "tuning: ..., see pillar.example)")
+        if after[0].startswith("-"):
+            raise Refused(f"--pillar needs a file, got the option '{after[0]}': {prog} --pillar my.sls")
     parser = _parser(prog)
 
     class _Parser(type(parser)):
@@ -58,8 +65,6 @@ def _arguments(argv, prog):
         raise Refused("--nofile needs a whole number, e.g. --nofile 20000")
     if args.pillar is not None and args.nofile is not None:
         raise Refused("put nofile in your pillar file, not next to --pillar")
-    if args.pillar is not None and args.pillar.startswith("-"):
-        raise Refused(f"--pillar needs a file, got the option '{args.pillar}': {prog} --pillar my.sls")
     return args
 
 
@@ -76,6 +81,7 @@ def check_pillar_file(path):
     first = text.lstrip().split("\n", 1)[0]
     if any(mark in text for mark in ("{{", "{%", "{#")) or (first.startswith("#!") and first[2:].strip() != "yaml"):
         return True
+    import salt.utils.yaml  # pylint: disable=import-outside-toplevel  (first: it imports its loader)
     from salt.utils.yamlloader import SaltYamlSafeLoader  # pylint: disable=import-outside-toplevel
 
     try:
@@ -146,9 +152,27 @@ def _quiet_logging(log_file):
     root.setLevel(logging.INFO)
 
 
-def render_errors(caller):
-    """The pillar's render errors, from Salt's own compiled pillar, in one line."""
+def render_errors(caller, pillar_file):
+    """The pillar's render errors in one line. Salt's compiled pillar only
+    says "Rendering SLS failed, see the log": the file is rendered once more
+    through Salt's own renderers, whose exception carries the reason and the
+    line."""
     errors = (caller.sminion.opts.get("pillar") or {}).get("_errors") or []
+    if not errors:
+        return ""
+    if pillar_file:
+        import salt.loader  # pylint: disable=import-outside-toplevel
+        import salt.template  # pylint: disable=import-outside-toplevel
+        from salt.exceptions import SaltRenderError  # pylint: disable=import-outside-toplevel
+
+        opts = caller.sminion.opts
+        renderers = salt.loader.render(opts, caller.sminion.functions)
+        try:
+            salt.template.compile_template(pillar_file, renderers, opts["renderer"], opts["renderer_blacklist"],
+                                           opts["renderer_whitelist"])
+        except SaltRenderError as exc:
+            # The message, without the template excerpt Salt appends after a `---` line.
+            return " ".join(str(exc).split("\n---", 1)[0].split())
     return "; ".join(" ".join(str(e).split()) for e in errors)
 
 
@@ -174,7 +198,7 @@ def main(argv, prog="python -m saltext_shadowsocks_tuning tune", out=sys.stdout,
     _quiet_logging(os.path.join(work, "minion.log"))
     _caller(config_path).cmd("saltutil.sync_all")  # this checkout's modules, every run
     caller = _caller(config_path)  # a fresh loader: it sees what the sync shipped
-    problem = render_errors(caller)
+    problem = render_errors(caller, os.path.join(work, "pillar", "shadowsocks.sls") if args.pillar else None)
     if problem:
         what = "did not render" if templated else "is not valid"
         err.write(f"tune: {args.pillar or 'the pillar'} {what}: {problem}; nothing was changed\n")
