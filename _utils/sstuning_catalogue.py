@@ -273,6 +273,12 @@ def _normalise_foreign(key, value, where):
     without anything that could add a line to a sysctl.d file."""
     if isinstance(value, bool) or value is None:
         raise SaltInvocationError(f"{where}{key}: {value!r} is not a sysctl value")
+    if isinstance(value, dict):
+        # Nested YAML under a directory of sysctls: each setting needs its full name.
+        first = next(iter(value), "KEY")
+        raise SaltInvocationError(
+            f"{where}{key}: {value!r} is a mapping, not a value: name each setting in full, e.g. "
+            f"{key}.{first}: {value.get(first)!r}")
     if isinstance(value, (list, tuple)):
         value = " ".join(str(v) for v in value)
     text = normalise_live(str(value))
