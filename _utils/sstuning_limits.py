@@ -19,6 +19,7 @@ settings and the minion options as plain values; ``plan`` reads everything
 and checks everything before ``apply`` writes anything.
 """
 
+import functools
 import os
 import resource
 import time
@@ -303,14 +304,15 @@ def _members(table, settings, parts, found):
 def decide_process(proc, nofile, cap, may, policy, member):
     """What happens to one running process: ``{"action", "target", "why"}``.
     ``cap``: this process has CAP_SYS_RESOURCE; ``may``: it may set the
-    other's limits at all (prlimit's rule); ``member``: the restart group
+    other's limits at all (prlimit's rule; a function, asked only when it
+    matters: it reads /proc/PID/status); ``member``: the restart group
     it belongs to, or None."""
     soft, hard = proc["soft"], proc["hard"]
     if soft is None or (soft >= nofile and (hard is None or hard >= nofile)):
         return {"action": "in place", "target": (soft, hard), "why": None}
     target = (max(soft, nofile), hard if hard is None else max(hard, nofile))
     if policy == "live":
-        if not may:
+        if not (may() if callable(may) else may):
             why = "it runs as another user and salt lacks CAP_SYS_RESOURCE, which prlimit needs then"
         elif target[1] is not None and target[1] > hard and not cap:
             why = f"its hard limit {hard} is below {nofile}, and raising a hard limit needs CAP_SYS_RESOURCE"
@@ -361,7 +363,8 @@ def plan(settings, options, table=None):
     cap = procfs.has_cap_sys_resource("self")
     for pid, proc in sorted(found.items()):
         member = members.get(pid)
-        decision = decide_process(proc, nofile, cap, procfs.may_set_limits(pid, cap), limits["restart"], member)
+        decision = decide_process(proc, nofile, cap, functools.partial(procfs.may_set_limits, pid, cap),
+                                  limits["restart"], member)
         proc.update(decision, member=member)
         if decision["action"] == "restart":
             group = parts[member[0]][member[1]]
