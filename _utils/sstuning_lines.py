@@ -141,12 +141,16 @@ def _read_shell(text, path, placement="end", key=None, parse=True):
     return shellforms.Reader(text or "", path, key)
 
 
-def _verify(new, path, read, expected):
-    """The edited text parses and reads back as `expected`, or nothing is written."""
+def _verify(new, path, read, expected, old):
+    """The edited text parses (one `sh -n`, a process) and reads back as
+    `expected`, or nothing is written. When it does not parse, the file as
+    it was is checked too, so that a file broken before any edit is named
+    as such."""
     try:
         shell.check_shell(new, path)
         got = read(new)
     except CommandExecutionError as exc:
+        shell.check_original(old or "", path)
         raise CommandExecutionError(
             f"{path}: the edited file would not be one this package can read back ({exc}); nothing was written: "
             "set the limit by hand, and report this file layout to shadowsocks_tuning"
@@ -195,7 +199,7 @@ def _render_ulimit(text, soft, hard, path, placement):
     soft, hard = _limit_value(soft, "soft", path), _limit_value(hard, "hard", path)
     if _rank(soft) > _rank(hard):
         raise CommandExecutionError(f"{path}: soft limit {soft} is above the hard limit {hard}; no shell can set that")
-    reader = _read_shell(text, path, placement)
+    reader = _read_shell(text, path, placement, parse=False)  # _verify runs sh -n
     lines = _split_lines(text)
     bodies = _ulimit_bodies(soft, hard)
     managed = {entry["line"]: entry for entry in reader.ulimits}
@@ -214,7 +218,7 @@ def _render_ulimit(text, soft, hard, path, placement):
         index = _init_insert_index(out) if placement == "init" else len(out)
         out = _insert_lines(out, index, [NOFILE_COMMENT] + bodies, "\n")
     new_text = _join(_keep_final_newline(lines, out))
-    _verify(new_text, path, lambda t: shellforms.Reader(t, path).ulimit_values(), (soft, hard))
+    _verify(new_text, path, lambda t: shellforms.Reader(t, path).ulimit_values(), (soft, hard), text)
     return new_text, reader.ulimit_values()
 
 
@@ -258,7 +262,7 @@ def render_assignment(text, key, value, path):
     value = str(value)
     if not ENV_VALUE.match(value):
         raise CommandExecutionError(f"{path}: {key} value {value!r} is not a plain value a shell reads as written")
-    reader = _read_shell(text, path, key=key)
+    reader = _read_shell(text, path, key=key, parse=False)  # _verify runs sh -n
     lines = _split_lines(text)
     managed = {entry["line"]: entry for entry in reader.assignments}
     first = reader.assignments[0]["line"] if reader.assignments else None
@@ -274,7 +278,7 @@ def render_assignment(text, key, value, path):
     if first is None:
         out = _insert_lines(out, len(out), [NOFILE_COMMENT, f"{key}={value}"], "\n")
     new_text = _join(_keep_final_newline(lines, out))
-    _verify(new_text, path, lambda t: shellforms.Reader(t, path, key).assignment_value(), value)
+    _verify(new_text, path, lambda t: shellforms.Reader(t, path, key).assignment_value(), value, text)
     old = reader.assignment_value()
     return new_text, None if old is None or "\r" in old else old
 

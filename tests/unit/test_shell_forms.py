@@ -82,12 +82,14 @@ def test_check_shell_gives_sh_s_own_message_with_path_and_line():
 def test_a_file_broken_before_any_edit_is_refused_and_named():
     # What the old renderer left of `ulimit -n` in both branches: it no longer parses.
     broken = 'if [ -n "$X" ]; then\n  ulimit -n 4096\nelse\nfi\n'
-    # An edit checks the file with `sh -n` first, and names sh's own complaint.
-    for call in (lambda: sst_lines.render_ulimit(broken, 1024, PATH),
-                 lambda: sst_lines.render_assignment(broken, "MAXFD", "1024", PATH)):
+    # A file the reader can follow, broken all the same: the edit's `sh -n`
+    # fails, and the file as it was is named with sh's own complaint.
+    broken_after = 'ulimit -n 4096\nMAXFD=1\nif [ -n "$X" ]; then\n  :\nelse\nfi\n'
+    for call in (lambda: sst_lines.render_ulimit(broken_after, 1024, PATH),
+                 lambda: sst_lines.render_assignment(broken_after, "MAXFD", "1024", PATH)):
         with pytest.raises(CommandExecutionError) as err:
             call()
-        assert str(err.value).startswith(f'{PATH}:4: Syntax error: "fi" unexpected')
+        assert str(err.value).startswith(f'{PATH}:6: Syntax error: "fi" unexpected'), str(err.value)
         assert "does not parse as a shell script as it is now, before any edit by this package" in str(err.value)
     # Reading what a file sets starts no process: the reader refuses what it cannot follow, naming the line.
     for call in (lambda: sst_lines.ulimit_values(broken, PATH),
