@@ -140,26 +140,33 @@ PROFILES = {
         "kernel_default": [CONGESTION_KEY],
     },
     "low-memory": {
-        "description": "low-latency with 4 MiB buffer ceilings instead of 64 MiB and half the queues, for small VPSes",
+        "description": "low-latency with tcp_notsent_lowat 16384 and an 8 MiB send ceiling: about a third of the "
+                       "kernel buffer memory busy slow clients hold, at the same throughput (bench/effect)",
         "include": "low-latency",
         "sysctls": {
             "net.core.rmem_max": 4194304,
             "net.core.wmem_max": 4194304,
-            "net.ipv4.tcp_rmem": "4096 87380 4194304",
-            "net.ipv4.tcp_wmem": "4096 16384 4194304",
-            "net.core.netdev_max_backlog": 2048,
-            "net.ipv4.tcp_max_syn_backlog": 2048,
+            "net.ipv4.tcp_notsent_lowat": 16384,
+            "net.ipv4.tcp_wmem": "4096 16384 8388608",
         },
         "lower": {
-            # 4 MiB per socket still fills a 100 Mbit/s path at 300 ms RTT
-            # while a thousand busy sockets stay under 4 GiB of kernel memory.
-            "net.core.rmem_max": "4 MiB buffer ceiling: bounds kernel memory on a small VPS",
-            "net.core.wmem_max": "4 MiB buffer ceiling: bounds kernel memory on a small VPS",
-            "net.ipv4.tcp_rmem": "4 MiB buffer ceiling: bounds kernel memory on a small VPS",
-            "net.ipv4.tcp_wmem": "4 MiB buffer ceiling: bounds kernel memory on a small VPS",
-            # Half the recipe's queues: fewer pending sockets held in RAM.
-            "net.core.netdev_max_backlog": "half the recipe's queue: fewer pending packets held in RAM",
-            "net.ipv4.tcp_max_syn_backlog": "half the recipe's queue: fewer half-open sockets held in RAM",
+            # Global caps on what a program asks for with SO_RCVBUF/SO_SNDBUF
+            # (ss-server asks for none; TCP autotuning follows tcp_rmem/tcp_wmem).
+            "net.core.rmem_max": "4 MiB ceiling for buffers a program asks for: bounds kernel memory on a small VPS",
+            "net.core.wmem_max": "4 MiB ceiling for buffers a program asks for: bounds kernel memory on a small VPS",
+            # Measured (bench/effect): 8 MiB fills one stream at 100 ms; 16 MiB or
+            # more let 8 BBR flows overfill a 400 Mbit/s bottleneck.
+            "net.ipv4.tcp_wmem": "8 MiB send ceiling: enough for one stream at 100 ms, not so much that many streams "
+                                 "overfill the path",
+        },
+        "reasons": {
+            # Where the memory of busy slow clients goes: data ss-server has
+            # read from upstream and not yet sent (about 650 KB a connection
+            # with the kernel's defaults).
+            "net.ipv4.tcp_notsent_lowat": "a socket with more than 16 KiB unsent stops being writable, so ss-server "
+                                          "stops reading upstream for a slow client: about 38 KB a busy connection "
+                                          "instead of about 650 KB (bench/effect)",
+            "net.ipv4.tcp_wmem": "the kernel's default field, 16384: a socket grows its buffer when it needs to",
         },
     },
     "bbr": {

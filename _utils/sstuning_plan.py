@@ -99,7 +99,8 @@ def resolve(options_, pillar, arguments=None):
     """Settings from pillar ``shadowsocks:tuning`` and ``arguments`` against
     this box's facts (``nr_open``, systemd, what a restart can grant).
     Raises SaltInvocationError naming every problem."""
-    return sstuning_settings.resolve(sstuning_settings.pillar_tuning(pillar), arguments, limits.box(options_))
+    box = dict(limits.box(options_), **sysctl.box(options_))
+    return sstuning_settings.resolve(sstuning_settings.pillar_tuning(pillar), arguments, box)
 
 
 def make(options_, pillar, arguments, test):

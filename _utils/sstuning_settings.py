@@ -70,7 +70,7 @@ DEFAULTS = {
     },
 }
 INIT_SCRIPT_FIELDS = ("path", "service", "pidfile")
-PROFILE_FIELDS = ("description", "include", "sysctls", "lower", "kernel_default")
+PROFILE_FIELDS = ("description", "include", "sysctls", "lower", "kernel_default", "reasons")
 # The parts of `limits` a run manages, in order: each kind of daemon, then
 # the init scripts and units pillar names.
 EXTRA_PARTS = ("init_scripts", "units")
@@ -83,7 +83,11 @@ RESTART_WHEN = ("live", "running", "always", "never")
 # What the recipe asks for; an unset `nofile` is this, or the most this box can grant.
 RECIPE_NOFILE = 51200
 # Where an unset box fact comes from, for tests: any process may get fs.nr_open.
-DEFAULT_BOX = {"nr_open": 1048576, "systemd": False, "grantable": {"sysvinit": 1048576, "systemd": 1048576}}
+DEFAULT_BOX = {"nr_open": 1048576, "systemd": False, "grantable": {"sysvinit": 1048576, "systemd": 1048576},
+               "memory": 1 << 34, "congestion": {"available": ["reno", "cubic"], "allowed": ["reno", "cubic"],
+                                                 "child": False}}
+# profile: auto. Below this much memory a box is a small VPS: low-memory.
+AUTO_SMALL_MEMORY = 2 << 30
 
 _PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9@._+:-]{0,254}\Z")
@@ -269,21 +273,48 @@ def resolve(tuning, arguments=None, box=None):
         return DEFAULTS[name], f"pillar {PILLAR}:{name}"
 
     settings = {"notes": []}
-    _resolve_sysctls(settings, pick, errors)
+    _resolve_sysctls(settings, pick, errors, box)
     _resolve_limits(settings, pick, errors, box, given.get("nofile", tuning.get("nofile")) is None)
     if errors:
         raise SaltInvocationError("\n".join(errors) + "\nNothing was changed: fix the pillar (or arguments) above")
     return settings
 
 
-def _resolve_sysctls(settings, pick, errors):
+def choose_profile(box):
+    """(profile, why) for ``profile: auto``, from what the box has."""
+    gib = box["memory"] / (1 << 30)
+    cc = box["congestion"]
+    if box["memory"] < AUTO_SMALL_MEMORY:
+        return "low-memory", (f"auto: {gib:.1f} GiB of memory, under {AUTO_SMALL_MEMORY >> 30} GiB: low-memory keeps "
+                              "the kernel buffers busy clients hold small")
+    if "bbr" in cc["available"] and (not cc["child"] or "bbr" in cc["allowed"]):
+        return "bbr", f"auto: {gib:.1f} GiB of memory, and bbr is available here: bbr"
+    return "low-latency", (f"auto: {gib:.1f} GiB of memory, and bbr is not available here (available: "
+                           f"{' '.join(cc['available'])}): low-latency")
+
+
+def _resolve_sysctls(settings, pick, errors, box):
     extra, where = pick("profiles")
     known = errors.call(all_profiles, extra, where) or {name: dict(body) for name, body in PROFILES.items()}
     settings["profiles"] = {
         name: body.get("description") or f"custom profile (include: {body.get('include')})" for name, body in known.items()
     }
     name, where = pick("profile")
+    if name == "auto" and "auto" not in known:
+        name, why = choose_profile(box)
+        settings["notes"].append(why)
     chain, merged, lower, kernel_default = errors.call(resolve_profile, name, known, where) or ([], {}, {}, set())
+    reasons = {}
+    for profile_name in reversed(chain):  # the profile that sets a key last gives its reason
+        body = known[profile_name]
+        given = body.get("reasons") or {}
+        if not isinstance(given, dict) or not all(isinstance(v, str) and v for v in given.values()):
+            errors.append(f"pillar {PILLAR}:profiles:{profile_name}:reasons must be a mapping of sysctl key to why")
+            given = {}
+        for key in body.get("sysctls") or {}:
+            reasons.pop(key, None)
+            if key in given:
+                reasons[key] = f"{given[key]} (profile {profile_name})"
     settings["profile"] = name if chain else str(name)
     settings["chain"] = chain
 
@@ -317,6 +348,7 @@ def _resolve_sysctls(settings, pick, errors):
     settings["sysctls"], settings["sources"] = wanted, sources
     settings["lower"] = {k: v for k, v in lower.items() if k in wanted}
     settings["kernel_default"] = sorted(k for k in kernel_default if k in wanted)
+    settings["reasons"] = {k: v for k, v in reasons.items() if k in wanted}
 
     config, where = pick("config")
     settings["config"] = errors.call(validate_config, config, where)

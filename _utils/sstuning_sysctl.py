@@ -337,6 +337,21 @@ def _found_ports(settings, options, live_range, kinds, table):
     return found
 
 
+def box(options):
+    """The facts ``profile: auto`` chooses from: memory, and the congestion
+    controls this kernel (and this network namespace) offers."""
+    root = options["proc_root"]
+    memory = 1 << 34
+    try:
+        with open("/proc/meminfo", "rb") as handle:
+            memory = int(handle.readline().split()[1]) * 1024  # MemTotal: N kB
+    except (OSError, ValueError, IndexError):
+        pass
+    available, allowed = _cc_lists(root)
+    return {"memory": memory, "congestion": {"available": available, "allowed": allowed,
+                                             "child": procfs.in_child_netns(root)}}
+
+
 def check_config(settings, options):
     """The persisted file must be one that the boot-time readers read
     (``sysctl --system`` and ``systemd-sysctl``: ``*.conf`` directly in one of
@@ -619,6 +634,7 @@ def explain(settings, options, planned=None):
             "recipe": RECIPE.get(key), "live": decision["live"], "profile": settings["sysctls"].get(key),
             "action": decision["action"],
             "result": decision["target"] if decision["target"] is not None else decision["live"],
-            "reason": describe(decision), "persisted": decision["persist"],
+            "reason": "; ".join(filter(None, [describe(decision), settings.get("reasons", {}).get(key)])),
+            "persisted": decision["persist"],
         }
     return out

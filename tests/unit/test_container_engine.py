@@ -155,9 +155,14 @@ def test_reserved_ports_come_from_pillar_and_the_shadowsocks_configs():
 
 
 def test_a_profile_that_lowers_on_purpose_lowers_in_the_container_too():
-    out = run(arguments={"profile": "low-memory"})
-    assert out["sysctls"]["net.ipv4.tcp_rmem"] == "4096 131072 4194304"
-    assert out["host_only"]["net.core.rmem_max"] == "4194304"
+    small = {"profiles": {"small": {"include": "low-latency", "sysctls": {"net.ipv4.tcp_rmem": "4096 87380 4194304"},
+                                    "lower": {"net.ipv4.tcp_rmem": "a small box"}}}}
+    out = run(tuning=small, arguments={"profile": "small"})
+    assert out["sysctls"]["net.ipv4.tcp_rmem"] == "4096 131072 4194304"  # the max lowered, the default kept
+    memory = run(arguments={"profile": "low-memory"})
+    assert memory["sysctls"]["net.ipv4.tcp_notsent_lowat"] == "16384"
+    assert memory["sysctls"]["net.ipv4.tcp_wmem"] == "4096 16384 8388608"
+    assert memory["host_only"]["net.core.rmem_max"] == "4194304"
 
 
 def test_keys_outside_the_catalogue_are_placed_by_their_name():
