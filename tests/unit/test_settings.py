@@ -403,3 +403,32 @@ def test_seconds_are_a_number_in_range(value):
     with pytest.raises(SaltInvocationError):
         settings_mod.validate_seconds(value, "timeout")
     assert settings_mod.validate_seconds(0, "wait", 0, 600) == 0
+
+
+def test_profile_auto_chooses_from_the_box_and_says_why():
+    small = {"memory": 1 << 30, "congestion": {"available": ["reno", "bbr", "cubic"], "allowed": ["reno", "bbr"],
+                                               "child": False}}
+    chosen = resolve({"profile": "auto"}, box=small)
+    assert chosen["profile"] == "low-memory"
+    assert any(note.startswith("auto: 1.0 GiB of memory, under 2 GiB: low-memory") for note in chosen["notes"])
+    big = dict(small, memory=24 << 30)
+    assert resolve({"profile": "auto"}, box=big)["profile"] == "bbr"
+    # In a container whose namespace may not choose bbr, and on a kernel without it: low-latency.
+    child = dict(big, congestion={"available": ["reno", "bbr"], "allowed": ["reno"], "child": True})
+    assert resolve({"profile": "auto"}, box=child)["profile"] == "low-latency"
+    without = dict(big, congestion={"available": ["reno", "cubic"], "allowed": ["reno", "cubic"], "child": False})
+    note = next(n for n in resolve({"profile": "auto"}, box=without)["notes"] if n.startswith("auto:"))
+    assert "bbr is not available here (available: reno cubic): low-latency" in note
+    # The default stays what it was; a pillar profile named auto is that profile.
+    assert resolve({})["profile"] == DEFAULTS["profile"] == "low-latency"
+    mine = {"profile": "auto", "profiles": {"auto": {"include": "bbr"}}}
+    assert resolve(mine, box=small)["chain"] == ["auto", "bbr", "low-latency", "high-latency"]
+
+
+def test_a_profile_gives_its_reason_per_key_and_a_later_value_drops_it():
+    resolved = resolve({"profile": "low-memory"})
+    assert "stops reading upstream for a slow client" in resolved["reasons"]["net.ipv4.tcp_notsent_lowat"]
+    mine = resolve({"profile": "mine", "profiles": {"mine": {"include": "low-memory", "sysctls": {
+        "net.ipv4.tcp_notsent_lowat": 131072}}}})
+    assert "net.ipv4.tcp_notsent_lowat" not in mine["reasons"]
+    assert "reasons must be a mapping" in refused({"profile": "x", "profiles": {"x": {"reasons": ["why"]}}})
