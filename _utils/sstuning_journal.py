@@ -123,13 +123,14 @@ def package_conffile(path, info_dir="/var/lib/dpkg/info"):
         return None  # read_managed reports it
     if text is None or "shadowsocks_tuning" in text:
         return None
-    needle = path.encode() + b"\n"
+    # A whole line: /etc/default/x must not match /usr/local/etc/default/x.
+    needle = b"\n" + path.encode() + b"\n"
     with contextlib.suppress(OSError):
         for name in os.listdir(info_dir):
             if name.endswith(".conffiles"):
                 with contextlib.suppress(OSError):
                     with open(os.path.join(info_dir, name), "rb") as handle:
-                        if needle in handle.read(1 << 20) + b"\n":
+                        if needle in b"\n" + handle.read(1 << 20) + b"\n":
                             return name[: -len(".conffiles")].split(":", 1)[0]
     return None
 
