@@ -165,7 +165,7 @@ def plan_file(options, target, nofile, force, ceiling, raises_soft=False):
         result.update(skipped=True, comment=f"{path} does not exist: nothing to manage")
         return result
     if kind == "ulimit":
-        soft, hard = lines.ulimit_values(text, path)
+        soft, hard = lines.ulimit_values(text, path, target.get("placement", "end"))
         current = (_number(soft, nr_open), _number(hard, nr_open))
     elif kind == "assignment":
         current = _pair(_number(lines.assignment_value(text, target["key"], path), nr_open))
