@@ -15,6 +15,7 @@ import sstuning_daemons as daemons
 import sstuning_limits as limits
 import sstuning_procfs as procfs
 import sstuning_services as services
+import sstuning_settings as settings_mod
 
 NAMES = daemons.program_names()
 PARENTS = daemons.server_names()
@@ -63,10 +64,15 @@ def test_process_names(comm, argv, expected):
 
 
 def test_process_names_given_as_text_or_a_list():
-    assert limits.process_names("ss-server, ss-local,") == {"ss-server", "ss-local"}
-    assert limits.process_names(["ssserver"]) == {"ssserver"}
-    with pytest.raises(SaltInvocationError):
-        limits.process_names([1])
+    kinds = settings_mod.resolve({})["limits"]["kinds"]
+    assert limits.process_names("ss-server, ss-local,", kinds) == {"ss-server", "ss-local"}
+    assert limits.process_names(["ssserver"], kinds) == {"ssserver"}
+    # None: every program and plugin of the kinds, the registry's own when pillar adds none.
+    assert limits.process_names(None, kinds) == NAMES
+    assert limits.parent_names(kinds) == PARENTS
+    with pytest.raises(SaltInvocationError) as err:
+        limits.process_names([1], kinds)
+    assert "names: [1] must be a list of process names" in str(err.value)
 
 
 def test_a_pidfile_scopes_the_report_to_that_process_tree(tmp_path):
@@ -106,8 +112,8 @@ def test_a_low_process_is_reported_with_the_reason(tmp_path):
         assert "started before the limit was configured" in entry["reason"]
         assert f"ss-server (pid {proc.pid}): soft 256" in report["comment"]
         assert limits.report("/proc/sys", 256, NAMES, [str(pidfile)])["ok"]
-        # `watch` gives up after its wait, with the same verdict.
-        assert not limits.watch("/proc/sys", 1024, NAMES, [str(pidfile)], 0)["ok"]
+        # `verify` gives up after its wait, with the same verdict.
+        assert not limits.verify("/proc/sys", 1024, NAMES, [str(pidfile)], 0)["ok"]
     finally:
         proc.kill()
         proc.wait()
