@@ -6,6 +6,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -182,3 +183,36 @@ def test_a_service_command_that_cannot_run_is_named():
     with pytest.raises(CommandExecutionError) as err:
         services.run_service(["/nonexistent/service", "start"], 5)
     assert "cannot run /nonexistent/service start" in str(err.value)
+
+
+# --------------------------------------------------------------------------
+# Pidfiles
+# --------------------------------------------------------------------------
+def test_a_pidfile_that_is_a_named_pipe_gives_none_without_blocking(tmp_path):
+    """A pipe planted where a pidfile should be: a plain open would wait for
+    a writer forever and hang the run."""
+    fifo = tmp_path / "ss.pid"
+    os.mkfifo(fifo)
+    result = []
+    reader = threading.Thread(target=lambda: result.append(procfs.pid_from(str(fifo))), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():
+        # Let the blocked open return (a writer appears), so the thread ends.
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        reader.join(timeout=10)
+        pytest.fail("pid_from blocked on a named pipe")
+    assert result == [None]
+
+
+def test_a_pidfile_that_is_a_directory_a_dangling_link_or_not_a_pid_gives_none(tmp_path):
+    (tmp_path / "dir.pid").mkdir()
+    assert procfs.pid_from(str(tmp_path / "dir.pid")) is None
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling.pid")
+    assert procfs.pid_from(str(tmp_path / "dangling.pid")) is None
+    for text in ("", "\n", "abc\n", "12abc"):
+        (tmp_path / "bad.pid").write_text(text)
+        assert procfs.pid_from(str(tmp_path / "bad.pid")) is None, text
+    (tmp_path / "ok.pid").write_text(" 4242 \nmore\n")
+    assert procfs.pid_from(str(tmp_path / "ok.pid")) == 4242
