@@ -148,6 +148,8 @@ def plan_file(options, target, nofile, force, ceiling, raises_soft=False):
     "what", "changed", "skipped", "old", "new", "diff", "text", "comment",
     "overridden"}``."""
     kind = target["kind"]
+    if isinstance(nofile, str) and nofile.strip().isdigit():
+        nofile = int(nofile)  # set_assignment passes its value as text; it is compared with numbers
     what = target.get("key") if kind == "assignment" else WHAT[kind]
     path = target["path"] or units.dropin_path(options["systemd_dir"], target["unit"])
     result = {"path": path, "what": what, "changed": False, "skipped": False, "old": None, "new": None,
