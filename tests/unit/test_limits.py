@@ -431,3 +431,12 @@ def test_grantable_is_the_hard_limit_without_cap_sys_resource():
     hard = NR_OPEN if hard == resource.RLIM_INFINITY else hard
     assert granted["hard"] == hard
     assert granted["limit"] == (NR_OPEN if granted["cap_sys_resource"] else min(hard, NR_OPEN))
+
+
+def test_a_limit_given_as_text_is_judged_as_the_number(opts, tmp_path):
+    """shadowsocks_tuning.set_assignment passes its value as text."""
+    path = tmp_path / "shadowsocks-libev"
+    path.write_text(f"MAXFD={HARD + 1}\n")
+    as_text = limits.plan_file(opts, maxfd_target(path), str(min(8192, HARD)), False, HARD)
+    assert as_text == limits.plan_file(opts, maxfd_target(path), min(8192, HARD), False, HARD)
+    assert as_text["new"] == str(HARD)
