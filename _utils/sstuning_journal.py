@@ -123,13 +123,14 @@ def package_conffile(path, info_dir="/var/lib/dpkg/info"):
         return None  # read_managed reports it
     if text is None or "shadowsocks_tuning" in text:
         return None
-    needle = path.encode() + b"\n"
+    # A whole line: /etc/default/x must not match /usr/local/etc/default/x.
+    needle = b"\n" + path.encode() + b"\n"
     with contextlib.suppress(OSError):
         for name in os.listdir(info_dir):
             if name.endswith(".conffiles"):
                 with contextlib.suppress(OSError):
                     with open(os.path.join(info_dir, name), "rb") as handle:
-                        if needle in handle.read(1 << 20) + b"\n":
+                        if needle in b"\n" + handle.read(1 << 20) + b"\n":
                             return name[: -len(".conffiles")].split(":", 1)[0]
     return None
 
@@ -230,6 +231,8 @@ def load_originals(state_dir):
         text = read_managed(path)
     except NotRegularFile as exc:
         raise CommandExecutionError(f"{exc}; {how}")
+    except OSError as exc:
+        raise CommandExecutionError(_unreadable_record(path, exc))
     if not text:
         return {name: {} for name in _SECTIONS}
     try:
@@ -335,6 +338,12 @@ def remember(state_dir, originals, sysctls=None, files=None, written=None):
                                         "nothing was changed")
 
 
+def _unreadable_record(path, exc):
+    # Not a bare OSError out of a plan: the state dir is a file, or unreadable.
+    return (f"cannot read {describe_error(path, exc)}: minion option shadowsocks_tuning.state_dir must name a "
+            "directory salt can read and write")
+
+
 def original_text(raw):
     return base64.b64decode(raw).decode("utf-8", errors="surrogateescape")
 
@@ -361,6 +370,8 @@ def pending_restarts(state_dir):
     except NotRegularFile as exc:
         raise CommandExecutionError(f"{exc}; it is this package's record of restarts in progress: move it away "
                                     f"(mv {path} {path}.bad) once you have checked those services run")
+    except OSError as exc:
+        raise CommandExecutionError(_unreadable_record(path, exc))
     if not text:
         return []
     try:

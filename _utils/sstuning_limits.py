@@ -116,16 +116,20 @@ def _number(value, nr_open):
 def target_pair(current, nofile, ceiling, raises_soft, force):
     """Per field (soft, hard): at least ``nofile`` and never below what is
     there (the one never-worse rule, ``keep_higher``) unless ``force``, and
-    never above ``ceiling``: a value no process can get never took effect,
-    so it is replaced. For a daemon that raises its soft limit to its hard
-    limit by itself, only the hard limit is raised. Returns (target, notes):
-    what was kept or replaced, in words."""
-    notes, have = [], list(current)
+    never above ``ceiling``: a value no process can get gives at most the
+    ceiling (systemd clamps it silently; a ``ulimit -n`` above it fails and
+    the daemon keeps the hard limit it inherits, the ceiling), so it counts
+    as the ceiling and is replaced by it, never by a lower ``nofile``. For
+    a daemon that raises its soft limit to its hard limit by itself, only
+    the hard limit is raised. Returns (target, notes): what was kept or
+    replaced, in words."""
+    notes, have, clamped = [], list(current), set()
     for index, value in enumerate(have):
         if value is not None and value > ceiling:
-            notes.append(f"{LIMIT_FIELDS[index]} {value} cannot be granted here (at most {ceiling}), so it never "
-                         "took effect")
-            have[index] = None
+            notes.append(f"{LIMIT_FIELDS[index]} {value} cannot be granted here (at most {ceiling}): it gives "
+                         f"{ceiling} at most, so {ceiling} is kept")
+            have[index] = ceiling
+            clamped.add(index)
     want = [nofile, nofile]
     if raises_soft and have[0] is not None:
         want[0] = have[0]  # the daemon raises it to its hard limit itself
@@ -134,7 +138,8 @@ def target_pair(current, nofile, ceiling, raises_soft, force):
     else:
         text, kept = keep_higher(None, f"{want[0]} {want[1]}", f"{have[0]} {have[1]}", directions=(UP, UP))
         target = [int(v) for v in text.split()]
-        notes.extend(f"{LIMIT_FIELDS[i]} {have[i]} kept (higher)" for i in range(2) if target[i] > want[i])
+        notes.extend(f"{LIMIT_FIELDS[i]} {have[i]} kept (higher)" for i in range(2)
+                     if target[i] > want[i] and i not in clamped)
     soft, hard = target
     return (min(soft, hard), hard), notes
 
@@ -144,6 +149,8 @@ def plan_file(options, target, nofile, force, ceiling, raises_soft=False):
     "what", "changed", "skipped", "old", "new", "diff", "text", "comment",
     "overridden"}``."""
     kind = target["kind"]
+    if isinstance(nofile, str) and nofile.strip().isdigit():
+        nofile = int(nofile)  # set_assignment passes its value as text; it is compared with numbers
     what = target.get("key") if kind == "assignment" else WHAT[kind]
     path = target["path"] or units.dropin_path(options["systemd_dir"], target["unit"])
     result = {"path": path, "what": what, "changed": False, "skipped": False, "old": None, "new": None,
@@ -161,7 +168,7 @@ def plan_file(options, target, nofile, force, ceiling, raises_soft=False):
         result.update(skipped=True, comment=f"{path} does not exist: nothing to manage")
         return result
     if kind == "ulimit":
-        soft, hard = lines.ulimit_values(text, path)
+        soft, hard = lines.ulimit_values(text, path, target.get("placement", "end"))
         current = (_number(soft, nr_open), _number(hard, nr_open))
     elif kind == "assignment":
         current = _pair(_number(lines.assignment_value(text, target["key"], path), nr_open))
@@ -218,11 +225,19 @@ def _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, n
     ours = units.assignments(text)
     result["old"] = _show(base["limit"]) + (f" (from {base['source']})" if base["source"] else "")
     result["new"] = _show(wanted)
-    later = [(p, v) for p, v in base["after"] if v[0] < wanted[0] or v[1] < wanted[1]]
-    result["overridden"] = [f"{p} sets LimitNOFILE={_show(v)} and is read after {path}: it wins" for p, v in later]
-    if wanted == base["limit"] and not ours:
-        result["comment"] = (f"{unit}: LimitNOFILE {_show(base['limit'])} from {base['source']} is in place; no "
-                             f"drop-in needed" + (f" ({'; '.join(notes)})" if notes else ""))
+    # systemd clamps what it cannot grant: compare what the files really give.
+    given = _clamped(base["limit"], ceiling)
+    # The last drop-in read after this package's own wins over it.
+    last_path, last = base["after"][-1] if base["after"] else (base["source"], base["limit"])
+    final = _clamped(last, ceiling)
+    if base["after"] and (final[0] < wanted[0] or final[1] < wanted[1]):
+        result["overridden"] = [f"{last_path} sets LimitNOFILE={_show(last)} and is read after {path}: it wins"]
+    covered = final == wanted or (not force and final[0] >= wanted[0] and final[1] >= wanted[1])
+    if (wanted == given or covered) and not ours:
+        shown, source = (base["limit"], base["source"]) if wanted == given else (last, last_path)
+        result["comment"] = (f"{unit}: LimitNOFILE {_show(shown)} from {source} is in place; no drop-in needed"
+                             + (f" ({'; '.join(notes)})" if notes else "")
+                             + "".join(f"; but {note}" for note in result["overridden"]))
         return result
     new_text = units.render_dropin(wanted[0], wanted[1], unit)
     change = journal.file_change(path, new_text, text)
@@ -233,6 +248,10 @@ def _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, n
                   comment=f"{path}: LimitNOFILE would be set to {_show(wanted)} (now {result['old']})"
                           + (f"; {'; '.join(notes)}" if notes else ""))
     return result
+
+
+def _clamped(pair, ceiling):
+    return tuple(None if v is None else min(v, ceiling) for v in pair)
 
 
 def write_file(options, planned):

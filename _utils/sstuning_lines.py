@@ -175,13 +175,14 @@ def _rank(value):
     return float("inf") if value == "unlimited" else value
 
 
-def ulimit_values(text, path):
+def ulimit_values(text, path, placement="end"):
     """(soft, hard) open-file limits that sourcing the file leaves, each an
     int, "unlimited", or None when this file does not set it: `ulimit -n N`
     sets both, `-Sn` the soft one, `-Hn` the hard one; later lines win. A
     line dash cannot run (a CR left in its value) sets nothing. Refuses, with
-    path:line, a file it cannot read that way."""
-    return _read_shell(text, path, parse=False).ulimit_values()
+    path:line, a file it cannot read that way; with ``placement`` "init",
+    first one that is no shell script at all (a Python init script)."""
+    return _read_shell(text, path, placement, parse=False).ulimit_values()
 
 
 def _ulimit_bodies(soft, hard):

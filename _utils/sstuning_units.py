@@ -117,10 +117,13 @@ def default_limit(nr_open, system_conf=SYSTEM_CONF):
 def effective(unit_dirs, unit, nr_open, default, skip=None):
     """What the unit file and its drop-ins give ``unit``, leaving ``skip``
     (this package's own drop-in) out: ``{"limit": (soft, hard), "source":
-    path or "DefaultLimitNOFILE", "after": [(path, (soft, hard))]}``;
-    ``after`` lists the drop-ins that set LimitNOFILE and are read after
-    ``skip``, whose value wins over it. A value systemd could not parse is
-    an error naming the file."""
+    path or "DefaultLimitNOFILE", "after": [(path, (soft, hard))]}``.
+    ``limit`` is what the unit file and the drop-ins read before ``skip``
+    give (the value this package's drop-in must never go below); ``after``
+    lists the drop-ins that set LimitNOFILE and are read after ``skip``, in
+    order: the last one wins over it. Without ``skip``, ``limit`` is what
+    they all give. A value systemd could not parse is an error naming the
+    file."""
     limit, source, after = default, "DefaultLimitNOFILE", []
     own = os.path.basename(skip) if skip else None
     for path in filter(None, [unit_file(unit_dirs, unit)] + dropins(unit_dirs, unit)):
@@ -131,16 +134,18 @@ def effective(unit_dirs, unit, nr_open, default, skip=None):
             values = assignments(journal.read_text(path, 1 << 20))
         except journal.NotRegularFile:
             continue
+        # A drop-in named after this package's own is read after it, and wins.
+        later = bool(own) and path.endswith(".conf") and os.path.basename(os.path.dirname(path)).endswith(".d") \
+            and name > own
         for raw in values:
             try:
                 parsed = parse_limit(raw, nr_open)
             except ValueError as exc:
                 raise ValueError(f"{path}: LimitNOFILE={raw}: {exc}") from None
-            limit, source = (parsed or default), path
-            # A drop-in named after this package's own is read after it, and wins.
-            if own and path.endswith(".conf") and os.path.basename(os.path.dirname(path)).endswith(".d") \
-                    and name > own:
-                after.append((path, limit))
+            if later:
+                after.append((path, parsed or default))
+            else:
+                limit, source = (parsed or default), path
     return {"limit": limit, "source": source, "after": after}
 
 

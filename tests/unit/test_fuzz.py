@@ -289,13 +289,19 @@ path_text = st.sampled_from(["/etc/default/supervisor", "/etc/init.d/ss", "relat
 name_text = st.sampled_from(["supervisor", "ss@x.service", "../x", "a/b", "x.socket"]) | any_text
 limits_strategy = st.fixed_dictionaries({}, optional={
     "init_system": st.sampled_from(["auto", "systemd", "sysvinit"]) | json_scalar,
-    "restart": st.sampled_from(["running", "always", "never"]) | json_scalar,
+    "restart": st.sampled_from(["live", "running", "always", "never"]) | json_scalar,
     "timeout": st.integers(-5, 700) | json_scalar,
     "supervisor": st.none() | json_scalar | st.fixed_dictionaries({}, optional={
         "service": name_text, "pidfile": path_text, "defaults_file": path_text, "config": path_text,
         "unit": name_text, "colour": json_scalar}),
     "shadowsocks_libev": st.none() | st.fixed_dictionaries({}, optional={
-        "service": name_text, "defaults_file": path_text, "units": st.lists(name_text, max_size=2) | json_scalar}),
+        "service": name_text, "defaults_file": path_text, "units": st.lists(name_text, max_size=2) | json_scalar,
+        "defaults_limit": st.sampled_from(["ulimit", "MAXFD", "MAX FD", "X;reboot"]) | json_scalar}),
+    # A kind of pillar's own: only `programs` is required.
+    "my_server": st.none() | json_scalar | st.fixed_dictionaries({}, optional={
+        "programs": st.lists(name_text, max_size=2) | json_scalar, "plugins": st.lists(name_text, max_size=1),
+        "service": name_text, "pidfile": path_text, "defaults_file": path_text, "units": st.lists(name_text, max_size=2),
+        "raises_soft": json_scalar, "children": json_scalar}),
     "init_scripts": st.lists(path_text | st.fixed_dictionaries({"path": path_text}, optional={
         "service": name_text, "pidfile": path_text, "colour": json_scalar}), max_size=2) | json_scalar,
     "units": st.lists(name_text, max_size=2) | json_scalar,
@@ -311,29 +317,67 @@ def plain_absolute(path):
             and not set(path) & {"\0", "\n", "\r"})
 
 
+# Pillars made only of values that should be accepted, so that the checks
+# on accepted settings below see many of them (the free strategy above is
+# refused most of the time).
+good_path = st.sampled_from(["/etc/default/supervisor", "/etc/init.d/ss", "/srv/x y/defaults", "/run/ss.pid"])
+good_unit = st.sampled_from(["supervisor", "ss@x.service", "ss-server@.service", "a.b-c_d.service"])
+good_limits = st.fixed_dictionaries({}, optional={
+    "init_system": st.sampled_from(["auto", "systemd", "sysvinit"]),
+    "restart": st.sampled_from(["live", "running", "always", "never"]),
+    "timeout": st.integers(1, 600),
+    "supervisor": st.none() | st.fixed_dictionaries({}, optional={
+        "service": st.sampled_from(["supervisor", "sup.er@v"]), "pidfile": good_path, "defaults_file": good_path,
+        "config": good_path, "unit": good_unit}),
+    "my_server": st.none() | st.fixed_dictionaries({"programs": st.lists(
+        st.sampled_from(["my-ss", "ss_2", "x.y+z"]), min_size=1, max_size=2)}, optional={
+        "defaults_file": good_path, "defaults_limit": st.sampled_from(["ulimit", "MAXFD", "NOFILE_2"]),
+        "units": st.lists(good_unit, max_size=2), "service": st.sampled_from(["my-ss"]), "raises_soft": st.booleans()}),
+    "init_scripts": st.lists(good_path | st.fixed_dictionaries({"path": good_path}, optional={
+        "service": st.sampled_from(["ss", "ss-2"]), "pidfile": good_path}), max_size=2),
+    "units": st.lists(good_unit, max_size=2),
+    "verify": st.fixed_dictionaries({}, optional={"pidfiles": st.lists(good_path, max_size=2),
+                                                  "wait": st.integers(0, 600)}),
+})
+PROGRAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
+VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+
+
 @FUZZ
-@given(nofile=st.integers(-2, 2**21) | json_scalar, limits=limits_strategy, systemd=st.booleans())
+@given(nofile=st.integers(-2, 2**21) | st.integers(1, 1048576) | json_scalar, limits=limits_strategy | good_limits,
+       systemd=st.booleans())
 @example(nofile=51200, limits={"init_scripts": [{"path": "/etc/init.d/ss\nreboot"}]}, systemd=False)
 @example(nofile=51200, limits={"units": ["../../etc/passwd"]}, systemd=True)
 @example(nofile="51200; reboot", limits={}, systemd=False)
+@example(nofile=51200, limits={"my_server": {"programs": ["../bin/sh"]}}, systemd=False)
+@example(nofile=51200, limits={"shadowsocks_libev": {"defaults_limit": "X;reboot"}}, systemd=False)
 def test_a_fuzzed_limits_pillar_is_refused_by_path_or_gives_plain_targets(nofile, limits, systemd):
     try:
-        resolved = resolve({"nofile": nofile, "limits": limits}, nr_open=1048576, systemd=systemd)
+        resolved = resolve({"nofile": nofile, "limits": limits}, None, {"nr_open": 1048576, "systemd": systemd})
     except SaltInvocationError as exc:
         event("refused")
         assert_every_problem_names_its_pillar_path(str(exc))
         return
     event("accepted")
     assert isinstance(resolved["nofile"], int) and 1 <= resolved["nofile"] <= 1048576
-    for groups in resolved["limits"].values():
+    settings_ = resolved["limits"]
+    assert settings_["restart"] in ("live", "running", "always", "never")
+    for name, kind in settings_["kinds"].items():
+        assert kind["programs"] and all(PROGRAM.match(p) for p in kind["programs"] + kind["plugins"]), kind
+        assert kind["defaults_limit"] == "ulimit" or VARIABLE.match(kind["defaults_limit"]), kind
+        assert all(UNIT.match(u) for u in kind["units"]), kind
+        assert isinstance(kind["raises_soft"], bool)
+    for groups in settings_["parts"].values():
         for group in groups:
             for target in group["files"]:
                 if target["kind"] == "dropin":
-                    assert systemd or resolved["init_system"] == "systemd"
+                    assert settings_["init_system"] == "systemd"
                     assert UNIT.match(target["unit"]), target
                 else:
                     assert plain_absolute(target["path"]), target
+                if target["kind"] == "assignment":
+                    assert VARIABLE.match(target["key"]), target
             if group["restart"]:
                 assert SERVICE.match(group["restart"]["name"]), group
                 assert group["restart"]["pidfile"] is None or plain_absolute(group["restart"]["pidfile"])
-    assert all(plain_absolute(p) for p in resolved["verify"]["pidfiles"])
+    assert all(plain_absolute(p) for p in settings_["verify"]["pidfiles"])

@@ -62,7 +62,7 @@ def test_manager_children_and_plugins_are_found_and_checked(family, tmp_path):
 
     def ready():
         table = procfs.process_table()
-        named = procfs.named_processes(table, NAMES)
+        named = procfs.named_processes(table, NAMES, PARENTS)
         ours = {pid: name for pid, name in named.items() if str(bin_dir) in " ".join(procfs.proc_argv(pid))}
         return (table, ours) if sorted(ours.values()) == ["obfs-server", "ss-manager", "ss-server", "ss-server",
                                                           "ss-server"] else None
@@ -88,5 +88,7 @@ def test_manager_children_and_plugins_are_found_and_checked(family, tmp_path):
         assert (entry["name"], entry["soft"], entry["hard"], entry["ok"]) == (ours[pid], 1000, 1000, False)
     assert f"obfs-server (pid {plugin}): soft 1000, hard 1000" in report["comment"]
     assert limits.report("/proc/sys", 1000, NAMES, [str(pidfile)])["ok"]
-    # a plugin of any name is found as a child of ss-server, even when not named
-    assert procfs.named_processes(table, {"ss-server"})[plugin] == "obfs-server"
+    # A plugin of any name is found as a child of ss-server, even when not named...
+    assert procfs.named_processes(table, {"ss-server"}, {"ss-server"})[plugin] == "obfs-server"
+    # ...and only as the child of a server: without parents it is not looked for.
+    assert plugin not in procfs.named_processes(table, {"ss-server"})

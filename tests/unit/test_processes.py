@@ -6,6 +6,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -15,6 +16,7 @@ import sstuning_daemons as daemons
 import sstuning_limits as limits
 import sstuning_procfs as procfs
 import sstuning_services as services
+import sstuning_settings as settings_mod
 
 NAMES = daemons.program_names()
 PARENTS = daemons.server_names()
@@ -63,10 +65,15 @@ def test_process_names(comm, argv, expected):
 
 
 def test_process_names_given_as_text_or_a_list():
-    assert limits.process_names("ss-server, ss-local,") == {"ss-server", "ss-local"}
-    assert limits.process_names(["ssserver"]) == {"ssserver"}
-    with pytest.raises(SaltInvocationError):
-        limits.process_names([1])
+    kinds = settings_mod.resolve({})["limits"]["kinds"]
+    assert limits.process_names("ss-server, ss-local,", kinds) == {"ss-server", "ss-local"}
+    assert limits.process_names(["ssserver"], kinds) == {"ssserver"}
+    # None: every program and plugin of the kinds, the registry's own when pillar adds none.
+    assert limits.process_names(None, kinds) == NAMES
+    assert limits.parent_names(kinds) == PARENTS
+    with pytest.raises(SaltInvocationError) as err:
+        limits.process_names([1], kinds)
+    assert "names: [1] must be a list of process names" in str(err.value)
 
 
 def test_a_pidfile_scopes_the_report_to_that_process_tree(tmp_path):
@@ -106,8 +113,8 @@ def test_a_low_process_is_reported_with_the_reason(tmp_path):
         assert "started before the limit was configured" in entry["reason"]
         assert f"ss-server (pid {proc.pid}): soft 256" in report["comment"]
         assert limits.report("/proc/sys", 256, NAMES, [str(pidfile)])["ok"]
-        # `watch` gives up after its wait, with the same verdict.
-        assert not limits.watch("/proc/sys", 1024, NAMES, [str(pidfile)], 0)["ok"]
+        # `verify` gives up after its wait, with the same verdict.
+        assert not limits.verify("/proc/sys", 1024, NAMES, [str(pidfile)], 0)["ok"]
     finally:
         proc.kill()
         proc.wait()
@@ -176,3 +183,36 @@ def test_a_service_command_that_cannot_run_is_named():
     with pytest.raises(CommandExecutionError) as err:
         services.run_service(["/nonexistent/service", "start"], 5)
     assert "cannot run /nonexistent/service start" in str(err.value)
+
+
+# --------------------------------------------------------------------------
+# Pidfiles
+# --------------------------------------------------------------------------
+def test_a_pidfile_that_is_a_named_pipe_gives_none_without_blocking(tmp_path):
+    """A pipe planted where a pidfile should be: a plain open would wait for
+    a writer forever and hang the run."""
+    fifo = tmp_path / "ss.pid"
+    os.mkfifo(fifo)
+    result = []
+    reader = threading.Thread(target=lambda: result.append(procfs.pid_from(str(fifo))), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():
+        # Let the blocked open return (a writer appears), so the thread ends.
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        reader.join(timeout=10)
+        pytest.fail("pid_from blocked on a named pipe")
+    assert result == [None]
+
+
+def test_a_pidfile_that_is_a_directory_a_dangling_link_or_not_a_pid_gives_none(tmp_path):
+    (tmp_path / "dir.pid").mkdir()
+    assert procfs.pid_from(str(tmp_path / "dir.pid")) is None
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling.pid")
+    assert procfs.pid_from(str(tmp_path / "dangling.pid")) is None
+    for text in ("", "\n", "abc\n", "12abc"):
+        (tmp_path / "bad.pid").write_text(text)
+        assert procfs.pid_from(str(tmp_path / "bad.pid")) is None, text
+    (tmp_path / "ok.pid").write_text(" 4242 \nmore\n")
+    assert procfs.pid_from(str(tmp_path / "ok.pid")) == 4242
