@@ -362,8 +362,10 @@ def dropin_path(unit):
 
 def set_systemd_nofile(unit, nofile, test=False, if_missing="fail"):
     """
-    Write a systemd drop-in with ``LimitNOFILE=<nofile>`` for a service unit
-    (template units such as ``shadowsocks-libev-server@.service`` included).
+    Write a systemd drop-in with ``LimitNOFILE`` of at least ``nofile`` for a
+    service unit (template units such as ``shadowsocks-libev-server@.service``
+    included), per field and never below what the unit file and its other
+    drop-ins give it; none when they give enough already.
     Run ``daemon-reload`` and restart the unit afterwards (``stop_start``).
     ``if_missing`` applies to the unit: ``skip`` leaves units that are not
     installed alone.

@@ -312,7 +312,8 @@ def supervisord_minfds(name, nofile, if_missing="fail", force=False):
 
 def systemd_nofile(name, nofile, if_missing="fail"):
     """
-    A drop-in with ``LimitNOFILE=<nofile>`` for the service unit ``name``
+    A drop-in with ``LimitNOFILE`` of at least ``nofile`` (never below what
+    the unit and its other drop-ins give) for the service unit ``name``
     (template units such as ``shadowsocks-libev-server@.service`` included).
     Pair it with ``service_restarted``, which runs ``daemon-reload``.
 

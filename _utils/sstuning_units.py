@@ -52,8 +52,17 @@ def unit_file(unit_dirs, unit):
 
 
 def dropins(unit_dirs, unit):
-    """The drop-in files systemd applies to ``unit``, in the order it applies them."""
+    """The drop-in files systemd applies to ``unit``, in the order it
+    applies them: from ``UNIT.d``, the template's ``foo@.service.d``, every
+    dash prefix's ``foo-.service.d`` (systemd >= 239: ``a-b-c.service``
+    reads ``a-b-.service.d`` and ``a-.service.d``) and the type's
+    ``service.d``; a more specific directory hides a same-named file of a
+    less specific one."""
     names = [unit] + [t for t in (template_of(unit),) if t]
+    stem = unit[: -len(".service")] if unit.endswith(".service") else unit
+    stem = stem.split("@", 1)[0]
+    parts = stem.split("-")
+    names += ["-".join(parts[:i]) + "-.service" for i in range(len(parts) - 1, 0, -1)] + ["service"]
     by_name = {}
     for directory in unit_dirs:  # the first directory (/etc) wins a file name
         for name in names:  # the instance's own directory before its template's

@@ -199,3 +199,19 @@ def test_show_reads_systemctl_s_merged_values():
     (argv,) = calls
     assert argv[-4:] == ["--", "ss.service", "xray.service", "gone.service"]  # a template is not a unit to show
     assert units.show(lambda argv: (1, ""), "systemctl", ["ss.service"], NR_OPEN) == {}
+
+
+def test_dash_prefix_and_type_dropins_apply_and_the_more_specific_hides_the_same_name(tmp_path):
+    etc = tmp_path / "etc"
+    for rel, text in {
+        "shadowsocks-libev-server@.service": "[Service]\nExecStart=/bin/true\n",
+        "service.d/10-all.conf": "[Service]\nLimitNOFILE=2048\n",
+        "shadowsocks-.service.d/20-ss.conf": "[Service]\nLimitNOFILE=3072\n",
+        "shadowsocks-libev-.service.d/10-all.conf": "[Service]\nLimitNOFILE=4096\n",
+    }.items():
+        (etc / rel).parent.mkdir(parents=True, exist_ok=True)
+        (etc / rel).write_text(text)
+    found = units.dropins([str(etc)], "shadowsocks-libev-server@a.service")
+    assert found == [str(etc / "shadowsocks-libev-.service.d/10-all.conf"), str(etc / "shadowsocks-.service.d/20-ss.conf")]
+    result = units.effective([str(etc)], "shadowsocks-libev-server@a.service", 1048576, (1024, 524288))
+    assert result["limit"] == (3072, 3072)
