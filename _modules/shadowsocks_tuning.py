@@ -381,6 +381,9 @@ def explain(profile=None):
     admin, ``lowered`` on purpose, ``merged`` reserved ports, ``satisfied``
     by a removed key, ``absent``, ``read-only`` global key in a container,
     ``restricted``) and whether the value is persisted. Writes nothing.
+    Returns ``{"profile", "notes", "buys", "keys"}``: ``notes`` says why
+    ``profile: auto`` chose what it chose; ``buys`` is what each built-in
+    profile was measured to buy (``bench/effect``), a line each, to choose by.
 
     CLI Example:
 
@@ -388,9 +391,11 @@ def explain(profile=None):
 
         salt-call shadowsocks_tuning.explain
         salt-call shadowsocks_tuning.explain bbr
+        salt-call shadowsocks_tuning.explain auto
     """
     resolved, options = _settings({"profile": profile})
-    return sstuning_sysctl.explain(resolved, options)
+    return {"profile": resolved["profile"], "notes": resolved["notes"], "buys": sstuning_catalogue.EFFECTS,
+            "keys": sstuning_sysctl.explain(resolved, options)}
 
 
 def container(format="compose", profile=None, service="shadowsocks", kind="shadowsocks_libev"):  # pylint: disable=redefined-builtin

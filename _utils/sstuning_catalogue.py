@@ -177,6 +177,13 @@ PROFILES = {
 }
 DEFAULT_PROFILE = "low-latency"
 
+# What each built-in profile buys, as measured by bench/effect (client ->
+# ss-local -> a 50-100 ms delay line -> ss-server, 1000 busy slow clients,
+# 2000 idle ones): the `what_it_buys` lines of bench/results/effect.json, which
+# tests/unit/test_catalogue.py holds this table to. `explain` shows them.
+EFFECTS_MEASURED = "bench/effect, 2026-12-03"
+EFFECTS = {}
+
 # Dot-separated segments; the kernel's own names (interfaces under conf/,
 # neigh/) may hold capitals, '@', ':' and '+'. No '/', no '..', no blanks.
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_@:+-]*\Z")  # \Z: `$` would let a trailing newline through

@@ -153,7 +153,7 @@ def test_a_listening_ss_server_port_is_reserved(minion, tmp_path):
         assert ret["result"] is True, ret["comment"]
         reserved = parse_ports(minion.read("net.ipv4.ip_local_reserved_ports"))
         assert {port, configured, 65000} | before <= reserved
-        assert f"{port} (ss-server" in json.dumps(minion.run("shadowsocks_tuning.explain").data)
+        assert f"{port} (ss-server" in json.dumps(minion.run("shadowsocks_tuning.explain").data["keys"])
         assert "net.ipv4.ip_local_reserved_ports" in minion.config.read_text()
     finally:
         proc.terminate()
