@@ -138,7 +138,7 @@ def target_pair(current, nofile, ceiling, raises_soft, force):
     return (min(soft, hard), hard), notes
 
 
-def plan_file(options, target, nofile, force, ceiling, raises_soft=False):
+def plan_file(options, target, nofile, force, ceiling, raises_soft=False, shown=None):
     """What managing one file would do, read but not written: ``{"path",
     "what", "changed", "skipped", "old", "new", "diff", "text", "comment",
     "overridden"}``."""
@@ -149,7 +149,8 @@ def plan_file(options, target, nofile, force, ceiling, raises_soft=False):
               "diff": "", "text": None, "overridden": []}
     nr_open = procfs.nr_open(options["proc_root"])
     if kind == "dropin":
-        return _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, nr_open)
+        return _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, nr_open,
+                            (shown or {}).get(target["unit"]))
     text = read_managed(path)
     if text is None:
         if target.get("required"):
@@ -201,7 +202,38 @@ def _show(pair):
     return str(soft) if soft == hard else f"{soft}:{hard}"
 
 
-def _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, nr_open):
+def dropin_pair(configured, nofile, ceiling, raises_soft, force):
+    """Per field (soft, hard), what this package's drop-in sets over the
+    ``configured`` value it is read after. systemd clamps every value to
+    ``ceiling`` (its own hard limit, without CAP_SYS_RESOURCE) silently, so a
+    field is compared as clamped but kept as configured: it is never
+    lowered, and a box that can grant more later (the unit moved out of a
+    container) gives it. A field is raised to ``nofile`` only where its
+    clamped value is below; for a daemon that raises its soft limit to its
+    hard limit by itself, only the hard one. ``force``: exactly ``nofile``.
+    Returns (target, notes): the fields capped here, in words."""
+    soft, hard = configured
+    if force:
+        target = [soft if raises_soft else nofile, nofile]
+    else:
+        target = [soft, hard]
+        if not raises_soft and min(soft, ceiling) < nofile:
+            target[0] = nofile
+        if min(hard, ceiling) < nofile:
+            target[1] = nofile
+    target[0] = min(target)
+    notes = [f"{LIMIT_FIELDS[i]} {v} is capped: systemd gives at most {ceiling} here, silently"
+             for i, v in enumerate(target) if v > ceiling]
+    return tuple(target), notes
+
+
+def _enough(pair, nofile, ceiling, raises_soft):
+    """Whether a configured (soft, hard) gives a daemon ``nofile`` once clamped."""
+    soft, hard = units.clamp(pair, ceiling)
+    return hard >= nofile and (raises_soft or soft >= nofile)
+
+
+def _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, nr_open, shown):
     unit = target["unit"]
     if units.unit_file(options["unit_dirs"], unit) is None:
         result.update(skipped=True, comment=f"{unit} is not installed: nothing to manage")
@@ -209,28 +241,52 @@ def _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, n
     path = result["path"]
     text = read_managed(path)
     default = units.default_limit(nr_open)
+    # The drop-ins systemd itself read, when its view is current: they may lie
+    # where unit_dirs does not look.
+    extra = shown["dropins"] if shown and not shown["reload"] else ()
     try:
-        base = units.effective(options["unit_dirs"], unit, nr_open, default, skip=path)
+        base = units.effective(options["unit_dirs"], unit, nr_open, default, skip=path, extra=extra)
+        now = units.effective(options["unit_dirs"], unit, nr_open, default, extra=extra)
     except ValueError as exc:
         raise CommandExecutionError(f"{exc}: systemd ignores it; fix that line")
-    wanted, notes = target_pair(base["limit"], nofile, ceiling, raises_soft, force)
+    configured = base["before"]
+    wanted, notes = dropin_pair(configured, nofile, ceiling, raises_soft, force)
     ours = units.assignments(text)
-    result["old"] = _show(base["limit"]) + (f" (from {base['source']})" if base["source"] else "")
+    result["old"] = f"{_show(configured)} (from {base['before_source']})"
     result["new"] = _show(wanted)
-    later = [(p, v) for p, v in base["after"] if v[0] < wanted[0] or v[1] < wanted[1]]
-    result["overridden"] = [f"{p} sets LimitNOFILE={_show(v)} and is read after {path}: it wins" for p, v in later]
-    if wanted == base["limit"] and not ours:
-        result["comment"] = (f"{unit}: LimitNOFILE {_show(base['limit'])} from {base['source']} is in place; no "
-                             f"drop-in needed" + (f" ({'; '.join(notes)})" if notes else ""))
+    result["overridden"] = []
+    if base["after"]:
+        winner, value = base["after"][-1]
+        if not _enough(value, nofile, ceiling, raises_soft):
+            result["overridden"].append(
+                f"{winner} sets LimitNOFILE={_show(value)} and is read after {path}: it wins, so {unit} gets "
+                f"{_show(units.clamp(value, ceiling))}, below {nofile}; raise it there or remove it")
+    result["warnings"] = []
+    if shown and shown["limit"] != now["limit"]:
+        said = (f"systemctl show says {unit} has LimitNOFILE={_show(shown['limit'])}, its files give "
+                f"{_show(now['limit'])}")
+        unknown = [p for p in shown["dropins"] if p not in now["files"]]
+        if shown["reload"]:
+            said += ": systemd has not read them since they changed (NeedDaemonReload=yes)"
+        elif unknown:
+            said += f": systemd also read {', '.join(unknown)}, which is gone or not where unit_dirs looks"
+        result["warnings"].append(said + "; systemd starts the unit with what it says")
+    if wanted == configured and not ours:
+        capped = f"; systemd gives {_show(units.clamp(configured, ceiling))} here: capped at the box's ceiling " \
+                 f"{ceiling}" if units.clamp(configured, ceiling) != configured else ""
+        result["comment"] = (f"{unit}: LimitNOFILE {_show(configured)} from {base['before_source']} is in place; "
+                             f"no drop-in needed{capped}")
+        if result["overridden"]:
+            result["comment"] += f"; but {result['overridden'][0]}"
         return result
     new_text = units.render_dropin(wanted[0], wanted[1], unit)
     change = journal.file_change(path, new_text, text)
+    suffix = f" ({'; '.join(notes)})" if notes else ""
     if change is None:
-        result["comment"] = f"{path}: LimitNOFILE {_show(wanted)} is in place"
+        result["comment"] = f"{path}: LimitNOFILE {_show(wanted)} is in place{suffix}"
         return result
     result.update(changed=True, diff=change["diff"], text=new_text,
-                  comment=f"{path}: LimitNOFILE would be set to {_show(wanted)} (now {result['old']})"
-                          + (f"; {'; '.join(notes)}" if notes else ""))
+                  comment=f"{path}: LimitNOFILE would be set to {_show(wanted)} (now {result['old']}){suffix}")
     return result
 
 
@@ -336,6 +392,11 @@ def plan(settings, options, table=None):
     nofile, force = settings["nofile"], settings["force_nofile"]
     errors, notes, manage, skipped = [], [], [], []
     granted = grantable(options["proc_root"], limits["init_system"])
+    nr_open = procfs.nr_open(options["proc_root"])
+    shown = {}
+    if limits["init_system"] == "systemd":
+        shown = show_units(options, [t["unit"] for groups in limits["parts"].values() for g in groups
+                                     for t in g["files"] if t["kind"] == "dropin"], nr_open, limits["timeout"])
     parts = {}
     for part, groups in limits["parts"].items():
         kind = limits["kinds"].get(part, {})
@@ -343,14 +404,19 @@ def plan(settings, options, table=None):
         for group in groups:
             planned = []
             for target in group["files"]:
+                # A file nothing reads for the limit under this init system (a
+                # defaults file under systemd) fails with no value: one above
+                # the box's ceiling is kept, never lowered.
+                ceiling = nr_open if target.get("enforced") is False else granted["limit"]
                 try:
-                    item = plan_file(options, target, nofile, force, granted["limit"], kind.get("raises_soft", False))
+                    item = plan_file(options, target, nofile, force, ceiling, kind.get("raises_soft", False),
+                                     shown)
                 except CommandExecutionError as exc:
                     where = target["where"] or f"pillar {LIMITS}:{part}"
                     errors.append(f"{where}: {exc}")
                     continue
                 (skipped if item["skipped"] else manage).append(item["path"])
-                notes.extend(item["overridden"])
+                notes.extend(item["overridden"] + item.get("warnings", []))
                 planned.append(item)
             parts[part].append({"files": planned, "restart": group["restart"], "restart_why": None})
     table = procfs.process_table() if table is None else table
@@ -362,6 +428,11 @@ def plan(settings, options, table=None):
     for pid, proc in sorted(found.items()):
         member = members.get(pid)
         decision = decide_process(proc, nofile, cap, procfs.may_set_limits(pid, cap), limits["restart"], member)
+        blocked = member and [o for item in parts[member[0]][member[1]]["files"] for o in item["overridden"]]
+        if decision["action"] == "restart" and blocked:
+            # A restart would cut its connections and still start it below nofile.
+            decision = {"action": "left", "target": None,
+                        "why": f"{decision['why']}, and a restart would not help: {blocked[0]}"}
         proc.update(decision, member=member)
         if decision["action"] == "restart":
             group = parts[member[0]][member[1]]
@@ -380,6 +451,18 @@ def plan(settings, options, table=None):
             "CAP_SYS_RESOURCE")
     return {"parts": parts, "processes": found, "errors": errors, "notes": notes, "manage": manage,
             "skipped": skipped, "grantable": granted, "table": table}
+
+
+def show_units(options, names, nr_open, timeout):
+    """``sstuning_units.show`` for ``names`` through this box's systemctl:
+    what the running systemd merged; {} where it cannot tell."""
+    binary = services.find_systemctl(options)
+    if binary is None or not names:
+        return {}
+    try:
+        return units.show(lambda argv: services.run_service(argv, timeout), binary, sorted(set(names)), nr_open)
+    except CommandExecutionError:
+        return {}
 
 
 def restart(options, name, pidfile, when, init_system, timeout, grace, test):
