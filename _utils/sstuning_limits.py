@@ -19,6 +19,7 @@ settings and the minion options as plain values; ``plan`` reads everything
 and checks everything before ``apply`` writes anything.
 """
 
+import contextlib
 import os
 import resource
 import time
@@ -562,10 +563,12 @@ def changed_files(planned):
 # --------------------------------------------------------------------------
 # What the daemons really got
 # --------------------------------------------------------------------------
-def _why_low(entry, wanted, table, nr_open):
+def _why_low(entry, wanted, table, nr_open, unit=None, shown=None):
     soft, hard = entry["soft"], entry["hard"]
     if wanted > nr_open:
         return f"fs.nr_open is {nr_open}: no process can have {wanted}"
+    if unit and shown:
+        return _why_low_unit(entry, wanted, unit, shown)
     if hard is not None and hard < wanted:
         ppid = table.get(entry["pid"], (None, None, None))[2]
         parent = procfs.proc_nofile(ppid) if ppid else None
@@ -588,10 +591,39 @@ def _why_low(entry, wanted, table, nr_open):
     )
 
 
-def report(proc_root, wanted, names, pidfiles, parents=None, table=None):
+def _why_low_unit(entry, wanted, unit, shown):
+    """Why a process systemd started is below ``wanted``, from what systemd
+    says the unit is configured with (``systemctl show``) and what systemd
+    itself can grant (PID 1's hard limit: it clamps a larger value silently)."""
+    field = 1 if entry["hard"] is not None and entry["hard"] < wanted else 0
+    configured = shown["limit"][field]
+    said = f"{unit} is configured LimitNOFILE={_show(shown['limit'])} (systemctl show)"
+    if configured is not None and configured < wanted:
+        source = None
+        for path in [shown["fragment"]] + shown["dropins"]:
+            with contextlib.suppress(OSError, journal.NotRegularFile):
+                if path and units.assignments(journal.read_text(path, 1 << 20)):
+                    source = path
+        if source is None:
+            return (f"{said}, systemd's DefaultLimitNOFILE (no LimitNOFILE= in its files): its "
+                    f"{LIMIT_FIELDS[field]} limit is below {wanted}; state.apply shadowsocks.tuning writes a drop-in "
+                    f"for the units it manages (pillar {LIMITS}:units for others)")
+        return (f"{said}, set last by {source}: its {LIMIT_FIELDS[field]} limit is below {wanted}; raise it there "
+                "or remove it")
+    ceiling = (procfs.proc_nofile(1) or (None, None))[1]
+    if ceiling is not None and ceiling < wanted and not procfs.has_cap_sys_resource("1"):
+        return (f"capped: {said}, but systemd (PID 1) has a hard limit of {ceiling} and no CAP_SYS_RESOURCE, so "
+                f"it gave {ceiling}, silently; lower nofile to {ceiling}, or raise PID 1's hard limit (the "
+                "container's, from outside)")
+    return f"{said}, but it was started before that: systemctl restart {unit}"
+
+
+def report(proc_root, wanted, names, pidfiles, parents=None, table=None, systemctl=None):
     """One look at /proc: the open-file limits of every process going by one
     of ``names`` (and the children of ``parents``), or, with ``pidfiles``,
-    of every process in those daemons' trees."""
+    of every process in those daemons' trees. ``systemctl``: systemd is PID
+    1; a process below ``wanted`` in a unit is explained from what ``systemctl
+    show`` says of that unit."""
     table = procfs.process_table() if table is None else table
     scope = None
     if pidfiles:
@@ -599,9 +631,9 @@ def report(proc_root, wanted, names, pidfiles, parents=None, table=None):
         scope = procfs.subtree(table, roots)
     nr_open = procfs.nr_open(proc_root)
     named = procfs.named_processes(table, names, parents if parents is not None else names)
-    for pid in scope or ():  # the daemons named by pidfile, whatever their programs are called
+    for pid in scope or ():  # the daemons named by pidfile, whatever their names are
         named.setdefault(pid, table[pid][0])
-    processes_, problems = [], []
+    processes_, low = [], []
     for pid in sorted(table):
         if scope is not None and pid not in scope:
             continue
@@ -614,10 +646,22 @@ def report(proc_root, wanted, names, pidfiles, parents=None, table=None):
                  "cap_sys_resource": procfs.has_cap_sys_resource(pid)}
         entry["ok"] = soft is None or soft >= wanted
         if not entry["ok"]:
-            entry["reason"] = _why_low(entry, wanted, table, nr_open)
-            problems.append(f"{name} (pid {pid}): soft {soft}, hard {hard}: {entry['reason']}")
+            low.append(entry)
         processes_.append(entry)
-    granted = grantable(proc_root)
+    in_units = {entry["pid"]: units.unit_of(entry["pid"]) for entry in low} if systemctl else {}
+    shown = {}
+    if any(in_units.values()):
+        shown = units.show(lambda argv: services.run_service(argv, 30), systemctl,
+                           sorted({u for u in in_units.values() if u}), nr_open)
+    problems = []
+    for entry in low:
+        unit = in_units.get(entry["pid"])
+        entry["reason"] = _why_low(entry, wanted, table, nr_open, unit, shown.get(unit))
+        if unit:
+            entry["unit"] = unit
+        problems.append(f"{entry['name']} (pid {entry['pid']}{', ' + unit if unit else ''}): soft {entry['soft']}, "
+                        f"hard {entry['hard']}: {entry['reason']}")
+    granted = grantable(proc_root, "systemd" if systemctl else "sysvinit")
     return {
         "wanted": wanted,
         "ok": not problems,
@@ -628,13 +672,13 @@ def report(proc_root, wanted, names, pidfiles, parents=None, table=None):
     }
 
 
-def verify(proc_root, wanted, names, pidfiles, wait, parents=None, table=None):
+def verify(proc_root, wanted, names, pidfiles, wait, parents=None, table=None, systemctl=None):
     """``report``, again every half second for up to ``wait`` seconds until
     every process is at ``wanted``. ``table``: a process table read this run
     (only the first look uses it)."""
     deadline = time.monotonic() + wait
     while True:
-        result = report(proc_root, wanted, names, pidfiles, parents, table)
+        result = report(proc_root, wanted, names, pidfiles, parents, table, systemctl)
         if result["ok"] or time.monotonic() >= deadline:
             return result
         table = None
