@@ -549,6 +549,23 @@ def apply(settings, options, planned, part, test):
     return {"files": files, "raised": raised, "restarts": restarts, "errors": errors}
 
 
+def reload_after_clean(settings, options, changes, test):
+    """After ``clean`` put back or removed drop-ins: systemd reads them only
+    at daemon-reload (until then ``systemctl show`` keeps the removed
+    values, and the next start of the unit would still get them). Adds the
+    reload to ``changes``."""
+    if settings["limits"]["init_system"] != "systemd":
+        return changes
+    dropins = sorted(p for p in changes if os.path.basename(p) == units.DROPIN_NAME)
+    if not dropins:
+        return changes
+    if not test:
+        services.systemd_reload(options, settings["limits"]["timeout"])
+    changes["systemctl daemon-reload"] = {"old": f"{len(dropins)} drop-in(s) put back",
+                                          "new": "would be run" if test else "run"}
+    return changes
+
+
 def written(planned_part):
     """The files of a part that ``apply`` has written so far."""
     return [item for group in planned_part for item in group["files"] if item.get("written")]
