@@ -464,7 +464,8 @@ def clean(test=False, force=False):
     resolved, options = _settings()
     managed = sstuning_sysctl.managed_paths(resolved, options) | sstuning_limits.managed_paths(resolved, options)
     with contextlib.nullcontext() if test else sstuning_journal.lock(options["state_dir"]):
-        return sstuning_journal.restore(options["state_dir"], options["proc_root"], managed, bool(test), bool(force))
+        changes = sstuning_journal.restore(options["state_dir"], options["proc_root"], managed, bool(test), bool(force))
+        return sstuning_limits.reload_after_clean(resolved, options, changes, bool(test))
 
 
 # --------------------------------------------------------------------------

@@ -458,9 +458,11 @@ def nofile(nofile=None, names=None, pidfiles=None, wait=0, wanted=None, plan=Non
         resolved, options = _settings({"nofile": nofile})
     kinds = resolved["limits"]["kinds"]
     wait = sstuning_settings.validate_seconds(wait, "wait", 0, 600)
+    # Under systemd a daemon below nofile is explained from what systemctl show says of its unit.
+    systemctl = sstuning_services.find_systemctl(options) if resolved["limits"]["init_system"] == "systemd" else None
     return sstuning_limits.verify(options["proc_root"], resolved["nofile"],
                                   sstuning_limits.process_names(names, kinds), _pidfiles(pidfiles), wait,
-                                  sstuning_limits.parent_names(kinds), table)
+                                  sstuning_limits.parent_names(kinds), table, systemctl)
 
 
 def stop_start(name, pidfile=None, when=None, init_system=None, timeout=None, grace=None, test=False,  # pylint: disable=redefined-outer-name

@@ -19,6 +19,7 @@ settings and the minion options as plain values; ``plan`` reads everything
 and checks everything before ``apply`` writes anything.
 """
 
+import contextlib
 import functools
 import os
 import resource
@@ -144,7 +145,7 @@ def target_pair(current, nofile, ceiling, raises_soft, force):
     return (min(soft, hard), hard), notes
 
 
-def plan_file(options, target, nofile, force, ceiling, raises_soft=False):
+def plan_file(options, target, nofile, force, ceiling, raises_soft=False, shown=None):
     """What managing one file would do, read but not written: ``{"path",
     "what", "changed", "skipped", "old", "new", "diff", "text", "comment",
     "overridden"}``."""
@@ -157,7 +158,8 @@ def plan_file(options, target, nofile, force, ceiling, raises_soft=False):
               "diff": "", "text": None, "overridden": []}
     nr_open = procfs.nr_open(options["proc_root"])
     if kind == "dropin":
-        return _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, nr_open)
+        return _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, nr_open,
+                            (shown or {}).get(target["unit"]))
     text = read_managed(path)
     if text is None:
         if target.get("required"):
@@ -209,7 +211,38 @@ def _show(pair):
     return str(soft) if soft == hard else f"{soft}:{hard}"
 
 
-def _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, nr_open):
+def dropin_pair(configured, nofile, ceiling, raises_soft, force):
+    """Per field (soft, hard), what this package's drop-in sets over the
+    ``configured`` value it is read after. systemd clamps every value to
+    ``ceiling`` (its own hard limit, without CAP_SYS_RESOURCE) silently, so a
+    field is compared as clamped but kept as configured: it is never
+    lowered, and a box that can grant more later (the unit moved out of a
+    container) gives it. A field is raised to ``nofile`` only where its
+    clamped value is below; for a daemon that raises its soft limit to its
+    hard limit by itself, only the hard one. ``force``: exactly ``nofile``.
+    Returns (target, notes): the fields capped here, in words."""
+    soft, hard = configured
+    if force:
+        target = [soft if raises_soft else nofile, nofile]
+    else:
+        target = [soft, hard]
+        if not raises_soft and min(soft, ceiling) < nofile:
+            target[0] = nofile
+        if min(hard, ceiling) < nofile:
+            target[1] = nofile
+    target[0] = min(target)
+    notes = [f"{LIMIT_FIELDS[i]} {v} is capped: systemd gives at most {ceiling} here, silently"
+             for i, v in enumerate(target) if v > ceiling]
+    return tuple(target), notes
+
+
+def _enough(pair, nofile, ceiling, raises_soft):
+    """Whether a configured (soft, hard) gives a daemon ``nofile`` once clamped."""
+    soft, hard = units.clamp(pair, ceiling)
+    return hard >= nofile and (raises_soft or soft >= nofile)
+
+
+def _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, nr_open, shown):
     unit = target["unit"]
     if units.unit_file(options["unit_dirs"], unit) is None:
         result.update(skipped=True, comment=f"{unit} is not installed: nothing to manage")
@@ -217,41 +250,53 @@ def _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, n
     path = result["path"]
     text = read_managed(path)
     default = units.default_limit(nr_open)
+    # The drop-ins systemd itself read, when its view is current: they may lie
+    # where unit_dirs does not look.
+    extra = shown["dropins"] if shown and not shown["reload"] else ()
     try:
-        base = units.effective(options["unit_dirs"], unit, nr_open, default, skip=path)
+        base = units.effective(options["unit_dirs"], unit, nr_open, default, skip=path, extra=extra)
+        now = units.effective(options["unit_dirs"], unit, nr_open, default, extra=extra)
     except ValueError as exc:
         raise CommandExecutionError(f"{exc}: systemd ignores it; fix that line")
-    wanted, notes = target_pair(base["limit"], nofile, ceiling, raises_soft, force)
+    configured = base["before"]
+    wanted, notes = dropin_pair(configured, nofile, ceiling, raises_soft, force)
     ours = units.assignments(text)
-    result["old"] = _show(base["limit"]) + (f" (from {base['source']})" if base["source"] else "")
+    result["old"] = f"{_show(configured)} (from {base['before_source']})"
     result["new"] = _show(wanted)
-    # systemd clamps what it cannot grant: compare what the files really give.
-    given = _clamped(base["limit"], ceiling)
-    # The last drop-in read after this package's own wins over it.
-    last_path, last = base["after"][-1] if base["after"] else (base["source"], base["limit"])
-    final = _clamped(last, ceiling)
-    if base["after"] and (final[0] < wanted[0] or final[1] < wanted[1]):
-        result["overridden"] = [f"{last_path} sets LimitNOFILE={_show(last)} and is read after {path}: it wins"]
-    covered = final == wanted or (not force and final[0] >= wanted[0] and final[1] >= wanted[1])
-    if (wanted == given or covered) and not ours:
-        shown, source = (base["limit"], base["source"]) if wanted == given else (last, last_path)
-        result["comment"] = (f"{unit}: LimitNOFILE {_show(shown)} from {source} is in place; no drop-in needed"
-                             + (f" ({'; '.join(notes)})" if notes else "")
-                             + "".join(f"; but {note}" for note in result["overridden"]))
+    result["overridden"] = []
+    if base["after"]:
+        winner, value = base["after"][-1]
+        if not _enough(value, nofile, ceiling, raises_soft):
+            result["overridden"].append(
+                f"{winner} sets LimitNOFILE={_show(value)} and is read after {path}: it wins, so {unit} gets "
+                f"{_show(units.clamp(value, ceiling))}, below {nofile}; raise it there or remove it")
+    result["warnings"] = []
+    if shown and shown["limit"] != now["limit"]:
+        said = (f"systemctl show says {unit} has LimitNOFILE={_show(shown['limit'])}, its files give "
+                f"{_show(now['limit'])}")
+        unknown = [p for p in shown["dropins"] if p not in now["files"]]
+        if shown["reload"]:
+            said += ": systemd has not read them since they changed (NeedDaemonReload=yes)"
+        elif unknown:
+            said += f": systemd also read {', '.join(unknown)}, which is gone or not where unit_dirs looks"
+        result["warnings"].append(said + "; systemd starts the unit with what it says")
+    if wanted == configured and not ours:
+        capped = f"; systemd gives {_show(units.clamp(configured, ceiling))} here: capped at the box's ceiling " \
+                 f"{ceiling}" if units.clamp(configured, ceiling) != configured else ""
+        result["comment"] = (f"{unit}: LimitNOFILE {_show(configured)} from {base['before_source']} is in place; "
+                             f"no drop-in needed{capped}")
+        if result["overridden"]:
+            result["comment"] += f"; but {result['overridden'][0]}"
         return result
     new_text = units.render_dropin(wanted[0], wanted[1], unit)
     change = journal.file_change(path, new_text, text)
+    suffix = f" ({'; '.join(notes)})" if notes else ""
     if change is None:
-        result["comment"] = f"{path}: LimitNOFILE {_show(wanted)} is in place"
+        result["comment"] = f"{path}: LimitNOFILE {_show(wanted)} is in place{suffix}"
         return result
     result.update(changed=True, diff=change["diff"], text=new_text,
-                  comment=f"{path}: LimitNOFILE would be set to {_show(wanted)} (now {result['old']})"
-                          + (f"; {'; '.join(notes)}" if notes else ""))
+                  comment=f"{path}: LimitNOFILE would be set to {_show(wanted)} (now {result['old']}){suffix}")
     return result
-
-
-def _clamped(pair, ceiling):
-    return tuple(None if v is None else min(v, ceiling) for v in pair)
 
 
 def write_file(options, planned):
@@ -357,6 +402,11 @@ def plan(settings, options, table=None):
     nofile, force = settings["nofile"], settings["force_nofile"]
     errors, notes, manage, skipped = [], [], [], []
     granted = grantable(options["proc_root"], limits["init_system"])
+    nr_open = procfs.nr_open(options["proc_root"])
+    shown = {}
+    if limits["init_system"] == "systemd":
+        shown = show_units(options, [t["unit"] for groups in limits["parts"].values() for g in groups
+                                     for t in g["files"] if t["kind"] == "dropin"], nr_open, limits["timeout"])
     parts = {}
     for part, groups in limits["parts"].items():
         kind = limits["kinds"].get(part, {})
@@ -364,14 +414,19 @@ def plan(settings, options, table=None):
         for group in groups:
             planned = []
             for target in group["files"]:
+                # A file nothing reads for the limit under this init system (a
+                # defaults file under systemd) fails with no value: one above
+                # the box's ceiling is kept, never lowered.
+                ceiling = nr_open if target.get("enforced") is False else granted["limit"]
                 try:
-                    item = plan_file(options, target, nofile, force, granted["limit"], kind.get("raises_soft", False))
+                    item = plan_file(options, target, nofile, force, ceiling, kind.get("raises_soft", False),
+                                     shown)
                 except CommandExecutionError as exc:
                     where = target["where"] or f"pillar {LIMITS}:{part}"
                     errors.append(f"{where}: {exc}")
                     continue
                 (skipped if item["skipped"] else manage).append(item["path"])
-                notes.extend(item["overridden"])
+                notes.extend(item["overridden"] + item.get("warnings", []))
                 planned.append(item)
             parts[part].append({"files": planned, "restart": group["restart"], "restart_why": None})
     table = procfs.process_table() if table is None else table
@@ -384,6 +439,11 @@ def plan(settings, options, table=None):
         member = members.get(pid)
         decision = decide_process(proc, nofile, cap, functools.partial(procfs.may_set_limits, pid, cap),
                                   limits["restart"], member)
+        blocked = member and [o for item in parts[member[0]][member[1]]["files"] for o in item["overridden"]]
+        if decision["action"] == "restart" and blocked:
+            # A restart would cut its connections and still start it below nofile.
+            decision = {"action": "left", "target": None,
+                        "why": f"{decision['why']}, and a restart would not help: {blocked[0]}"}
         proc.update(decision, member=member)
         if decision["action"] == "restart":
             group = parts[member[0]][member[1]]
@@ -402,6 +462,18 @@ def plan(settings, options, table=None):
             "CAP_SYS_RESOURCE")
     return {"parts": parts, "processes": found, "errors": errors, "notes": notes, "manage": manage,
             "skipped": skipped, "grantable": granted, "table": table}
+
+
+def show_units(options, names, nr_open, timeout):
+    """``sstuning_units.show`` for ``names`` through this box's systemctl:
+    what the running systemd merged; {} where it cannot tell."""
+    binary = services.find_systemctl(options)
+    if binary is None or not names:
+        return {}
+    try:
+        return units.show(lambda argv: services.run_service(argv, timeout), binary, sorted(set(names)), nr_open)
+    except CommandExecutionError:
+        return {}
 
 
 def restart(options, name, pidfile, when, init_system, timeout, grace, test):
@@ -487,6 +559,23 @@ def apply(settings, options, planned, part, test):
     return {"files": files, "raised": raised, "restarts": restarts, "errors": errors}
 
 
+def reload_after_clean(settings, options, changes, test):
+    """After ``clean`` put back or removed drop-ins: systemd reads them only
+    at daemon-reload (until then ``systemctl show`` keeps the removed
+    values, and the next start of the unit would still get them). Adds the
+    reload to ``changes``."""
+    if settings["limits"]["init_system"] != "systemd":
+        return changes
+    dropins = sorted(p for p in changes if os.path.basename(p) == units.DROPIN_NAME)
+    if not dropins:
+        return changes
+    if not test:
+        services.systemd_reload(options, settings["limits"]["timeout"])
+    changes["systemctl daemon-reload"] = {"old": f"{len(dropins)} drop-in(s) put back",
+                                          "new": "would be run" if test else "run"}
+    return changes
+
+
 def written(planned_part):
     """The files of a part that ``apply`` has written so far."""
     return [item for group in planned_part for item in group["files"] if item.get("written")]
@@ -501,10 +590,12 @@ def changed_files(planned):
 # --------------------------------------------------------------------------
 # What the daemons really got
 # --------------------------------------------------------------------------
-def _why_low(entry, wanted, table, nr_open):
+def _why_low(entry, wanted, table, nr_open, unit=None, shown=None):
     soft, hard = entry["soft"], entry["hard"]
     if wanted > nr_open:
         return f"fs.nr_open is {nr_open}: no process can have {wanted}"
+    if unit and shown:
+        return _why_low_unit(entry, wanted, unit, shown)
     if hard is not None and hard < wanted:
         ppid = table.get(entry["pid"], (None, None, None))[2]
         parent = procfs.proc_nofile(ppid) if ppid else None
@@ -527,10 +618,39 @@ def _why_low(entry, wanted, table, nr_open):
     )
 
 
-def report(proc_root, wanted, names, pidfiles, parents=None, table=None):
+def _why_low_unit(entry, wanted, unit, shown):
+    """Why a process systemd started is below ``wanted``, from what systemd
+    says the unit is configured with (``systemctl show``) and what systemd
+    itself can grant (PID 1's hard limit: it clamps a larger value silently)."""
+    field = 1 if entry["hard"] is not None and entry["hard"] < wanted else 0
+    configured = shown["limit"][field]
+    said = f"{unit} is configured LimitNOFILE={_show(shown['limit'])} (systemctl show)"
+    if configured is not None and configured < wanted:
+        source = None
+        for path in [shown["fragment"]] + shown["dropins"]:
+            with contextlib.suppress(OSError, journal.NotRegularFile):
+                if path and units.assignments(journal.read_text(path, 1 << 20)):
+                    source = path
+        if source is None:
+            return (f"{said}, systemd's DefaultLimitNOFILE (no LimitNOFILE= in its files): its "
+                    f"{LIMIT_FIELDS[field]} limit is below {wanted}; state.apply shadowsocks.tuning writes a drop-in "
+                    f"for the units it manages (pillar {LIMITS}:units for others)")
+        return (f"{said}, set last by {source}: its {LIMIT_FIELDS[field]} limit is below {wanted}; raise it there "
+                "or remove it")
+    ceiling = (procfs.proc_nofile(1) or (None, None))[1]
+    if ceiling is not None and ceiling < wanted and not procfs.has_cap_sys_resource("1"):
+        return (f"capped: {said}, but systemd (PID 1) has a hard limit of {ceiling} and no CAP_SYS_RESOURCE, so "
+                f"it gave {ceiling}, silently; lower nofile to {ceiling}, or raise PID 1's hard limit (the "
+                "container's, from outside)")
+    return f"{said}, but it was started before that: systemctl restart {unit}"
+
+
+def report(proc_root, wanted, names, pidfiles, parents=None, table=None, systemctl=None):
     """One look at /proc: the open-file limits of every process going by one
     of ``names`` (and the children of ``parents``), or, with ``pidfiles``,
-    of every process in those daemons' trees."""
+    of every process in those daemons' trees. ``systemctl``: systemd is PID
+    1; a process below ``wanted`` in a unit is explained from what ``systemctl
+    show`` says of that unit."""
     table = procfs.process_table() if table is None else table
     scope = None
     if pidfiles:
@@ -538,9 +658,9 @@ def report(proc_root, wanted, names, pidfiles, parents=None, table=None):
         scope = procfs.subtree(table, roots)
     nr_open = procfs.nr_open(proc_root)
     named = procfs.named_processes(table, names, parents if parents is not None else names)
-    for pid in scope or ():  # the daemons named by pidfile, whatever their programs are called
+    for pid in scope or ():  # the daemons named by pidfile, whatever their names are
         named.setdefault(pid, table[pid][0])
-    processes_, problems = [], []
+    processes_, low = [], []
     for pid in sorted(table):
         if scope is not None and pid not in scope:
             continue
@@ -553,10 +673,22 @@ def report(proc_root, wanted, names, pidfiles, parents=None, table=None):
                  "cap_sys_resource": procfs.has_cap_sys_resource(pid)}
         entry["ok"] = soft is None or soft >= wanted
         if not entry["ok"]:
-            entry["reason"] = _why_low(entry, wanted, table, nr_open)
-            problems.append(f"{name} (pid {pid}): soft {soft}, hard {hard}: {entry['reason']}")
+            low.append(entry)
         processes_.append(entry)
-    granted = grantable(proc_root)
+    in_units = {entry["pid"]: units.unit_of(entry["pid"]) for entry in low} if systemctl else {}
+    shown = {}
+    if any(in_units.values()):
+        shown = units.show(lambda argv: services.run_service(argv, 30), systemctl,
+                           sorted({u for u in in_units.values() if u}), nr_open)
+    problems = []
+    for entry in low:
+        unit = in_units.get(entry["pid"])
+        entry["reason"] = _why_low(entry, wanted, table, nr_open, unit, shown.get(unit))
+        if unit:
+            entry["unit"] = unit
+        problems.append(f"{entry['name']} (pid {entry['pid']}{', ' + unit if unit else ''}): soft {entry['soft']}, "
+                        f"hard {entry['hard']}: {entry['reason']}")
+    granted = grantable(proc_root, "systemd" if systemctl else "sysvinit")
     return {
         "wanted": wanted,
         "ok": not problems,
@@ -567,13 +699,13 @@ def report(proc_root, wanted, names, pidfiles, parents=None, table=None):
     }
 
 
-def verify(proc_root, wanted, names, pidfiles, wait, parents=None, table=None):
+def verify(proc_root, wanted, names, pidfiles, wait, parents=None, table=None, systemctl=None):
     """``report``, again every half second for up to ``wait`` seconds until
     every process is at ``wanted``. ``table``: a process table read this run
     (only the first look uses it)."""
     deadline = time.monotonic() + wait
     while True:
-        result = report(proc_root, wanted, names, pidfiles, parents, table)
+        result = report(proc_root, wanted, names, pidfiles, parents, table, systemctl)
         if result["ok"] or time.monotonic() >= deadline:
             return result
         table = None

@@ -3,7 +3,8 @@ Services: stop a daemon, wait until it is really gone, start it, and wait
 until it runs again, so that it comes back with the open-file limit now
 configured. Never the init script's ``restart``: Debian 12's
 ``/etc/init.d/supervisor restart`` only stops supervisord. Under systemd:
-``daemon-reload`` then ``restart`` (``try-restart`` for template units).
+``restart`` (``try-restart`` for template units), after ``daemon-reload``
+only where systemd has not read the unit's files yet.
 """
 
 import contextlib
@@ -249,8 +250,13 @@ def finish(opts, pending, timeout, grace, test):
     return out
 
 
+def find_systemctl(opts):
+    """The systemctl binary of minion option ``systemctl``, or None."""
+    return shutil.which(opts["systemctl"], path=SYSTEM_PATH)
+
+
 def _systemctl(opts):
-    binary = shutil.which(opts["systemctl"], path=SYSTEM_PATH)
+    binary = find_systemctl(opts)
     if binary is None:
         raise CommandExecutionError("systemctl not found, although systemd was chosen (pillar "
                                     f"{LIMITS}:init_system); set it to sysvinit or auto")
@@ -270,6 +276,26 @@ def _main_pid(systemctl, unit, timeout):
     return int(output) if rc == 0 and output.isdigit() and int(output) > 0 else None
 
 
+def _start_limit(systemctl, unit, timeout):
+    """What to say when systemd refused the start for its rate limit (a
+    restart has stopped the unit by then: it is down)."""
+    rc, output = run_service([systemctl, "show", "--property=Id,Result,ActiveState", "--", unit], timeout)
+    hit = [block for block in output.split("\n\n") if "Result=start-limit-hit" in block] if rc == 0 else []
+    if not hit:
+        return ""
+    names = [line.split("=", 1)[1] for block in hit for line in block.splitlines() if line.startswith("Id=")]
+    return (f"; systemd refused to start {', '.join(names) or unit} again (start-limit-hit: started more than "
+            "StartLimitBurst times within StartLimitIntervalSec), so it is DOWN now: run systemctl reset-failed "
+            f"{' '.join(names) or unit} and systemctl start it, then run this again")
+
+
+def _needs_reload(systemctl, unit, timeout):
+    """Whether systemd has not read the unit's files since they changed
+    (``NeedDaemonReload``; for a pattern, any instance)."""
+    rc, output = run_service([systemctl, "show", "--property=NeedDaemonReload", "--", unit], timeout)
+    return rc != 0 or "NeedDaemonReload=yes" in output
+
+
 def systemd_restart(opts, unit, when, timeout, grace, test):
     template = unit.endswith("@.service")
     target = unit[: -len("@.service")] + "@*.service" if template else unit
@@ -278,19 +304,23 @@ def systemd_restart(opts, unit, when, timeout, grace, test):
         result["comment"] = f"{unit}: restart is off (restart: never); run systemctl daemon-reload and restart it yourself"
         return result
     systemctl = _systemctl(opts)
+    # daemon-reload only where systemd has not read the files: in systemd 252
+    # a reload also resets every unit's start rate limit (StartLimitBurst),
+    # which would hide a crash loop from systemd and from this restart.
+    reload = [[systemctl, "daemon-reload"]] if _needs_reload(systemctl, target, timeout) else []
     if when == "running" and not template:
         rc, _ = run_service([systemctl, "is-active", "--quiet", "--", unit], timeout)
         if rc != 0:
-            argv = [systemctl, "daemon-reload"]
-            if not test:
+            for argv in [] if test else reload:
                 rc, output = run_service(argv, timeout)
                 if rc != 0:
                     raise CommandExecutionError(f"{unit}: {_describe_run(argv, rc, output)}")
-            result["comment"] = f"{unit} is not active: systemd reloaded, unit left stopped"
+            result["comment"] = f"{unit} is not active: left stopped (it gets the new limit when it starts)" + (
+                "; systemd reloaded" if reload else "")
             return result
     # A template's instances are matched by pattern; only loaded (running) ones restart.
     action = "try-restart" if when == "running" or template else "restart"
-    commands = [[systemctl, "daemon-reload"], [systemctl, action, "--", target]]
+    commands = reload + [[systemctl, action, "--", target]]
     # A template's instances are many processes: their connections are not counted.
     cut = "live connections not counted (template unit)" if template else _cut(_main_pid(systemctl, unit, timeout))
     if test:
@@ -301,14 +331,16 @@ def systemd_restart(opts, unit, when, timeout, grace, test):
     for argv in commands:
         rc, output = run_service(argv, timeout)
         if rc != 0:
-            raise CommandExecutionError(f"{unit} failed to restart: {_describe_run(argv, rc, output)}")
+            raise CommandExecutionError(f"{unit} failed to restart: {_describe_run(argv, rc, output)}"
+                                        + _start_limit(systemctl, target, timeout))
     active = [systemctl, "is-active", "--quiet", "--", unit]
     if not template and not _stays_up(lambda: run_service(active, timeout)[0] == 0, grace):
         raise CommandExecutionError(
             f"{unit} restarted but did not stay active for {grace} s: it dies right after it starts (a crash "
             f"loop?): see systemctl status {unit}"
         )
-    result.update(changed=True, new="restarted", comment=f"{target}: daemon-reload, {action}: {cut}")
+    done = "daemon-reload, " if reload else ""
+    result.update(changed=True, new="restarted", comment=f"{target}: {done}{action}: {cut}")
     return result
 
 

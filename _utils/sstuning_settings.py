@@ -636,6 +636,8 @@ def _kind_groups(kind, use_systemd, where):
         return [{"files": shell + minfds, "restart": restart}] if shell or minfds else []
     # Under systemd the defaults file is not read for the limit (its units
     # carry it), supervisord's minfds is: it goes with the kind's first unit.
+    for target in shell:
+        target["enforced"] = False  # no `ulimit -n` runs from it: a value above the box's ceiling fails nothing
     groups = [{"files": shell, "restart": None}] if shell else []
     for index, unit in enumerate(kind["units"]):
         files = (minfds if index == 0 else []) + [_target("dropin", None, f"{where}:units", unit=unit)]

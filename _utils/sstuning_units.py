@@ -51,27 +51,41 @@ def unit_file(unit_dirs, unit):
     return None
 
 
-def dropins(unit_dirs, unit):
-    """The drop-in files systemd applies to ``unit``, in the order it
-    applies them: from ``UNIT.d``, the template's ``foo@.service.d``, every
-    dash prefix's ``foo-.service.d`` (systemd >= 239: ``a-b-c.service``
-    reads ``a-b-.service.d`` and ``a-.service.d``) and the type's
-    ``service.d``; a more specific directory hides a same-named file of a
-    less specific one."""
+def _names(unit):
+    """The names whose ``NAME.d`` directories systemd (since 246) reads for
+    ``unit``, most specific first: the unit, its template, then each prefix
+    ending in a dash (``shadowsocks-.service`` for ``shadowsocks-libev.service``)."""
     names = [unit] + [t for t in (template_of(unit),) if t]
-    stem = unit[: -len(".service")] if unit.endswith(".service") else unit
-    stem = stem.split("@", 1)[0]
-    parts = stem.split("-")
-    names += ["-".join(parts[:i]) + "-.service" for i in range(len(parts) - 1, 0, -1)] + ["service"]
+    stem, _, suffix = unit.rpartition(".")
+    base = stem.split("@", 1)[0]
+    for index in range(len(base) - 1, 0, -1):
+        if base[index] == "-":
+            names.append(f"{base[:index + 1]}.{suffix}")
+    return names
+
+
+def dropins(unit_dirs, unit, extra=()):
+    """The drop-in files systemd applies to ``unit``, in the order it applies
+    them. Checked against systemd 252: a file name seen first wins, looking
+    through the unit directories in order and, in each, the unit's own
+    ``.d``, its template's, its dash prefixes'; the type-wide ``service.d``
+    of every directory comes last. ``extra``: drop-ins systemd itself names
+    (``systemctl show -p DropInPaths``), which win their file name: they may
+    lie where ``unit_dirs`` does not look (``system.control``, generators)."""
     by_name = {}
-    for directory in unit_dirs:  # the first directory (/etc) wins a file name
-        for name in names:  # the instance's own directory before its template's
-            entries = []
-            with contextlib.suppress(OSError):
-                entries = os.listdir(os.path.join(directory, f"{name}.d"))
-            for entry in entries:
-                if entry.endswith(".conf") and entry not in by_name:
-                    by_name[entry] = os.path.join(directory, f"{name}.d", entry)
+    for path in extra:
+        if os.path.isfile(path):
+            by_name.setdefault(os.path.basename(path), path)
+    suffix = unit.rpartition(".")[2]
+    dirs = [os.path.join(d, f"{name}.d") for d in unit_dirs for name in _names(unit)]
+    dirs += [os.path.join(d, f"{suffix}.d") for d in unit_dirs]
+    for directory in dirs:
+        entries = []
+        with contextlib.suppress(OSError):
+            entries = os.listdir(directory)
+        for entry in entries:
+            if entry.endswith(".conf") and entry not in by_name:
+                by_name[entry] = os.path.join(directory, entry)
     return [by_name[name] for name in sorted(by_name)]
 
 
@@ -123,39 +137,50 @@ def default_limit(nr_open, system_conf=SYSTEM_CONF):
     return value
 
 
-def effective(unit_dirs, unit, nr_open, default, skip=None):
-    """What the unit file and its drop-ins give ``unit``, leaving ``skip``
-    (this package's own drop-in) out: ``{"limit": (soft, hard), "source":
-    path or "DefaultLimitNOFILE", "after": [(path, (soft, hard))]}``.
-    ``limit`` is what the unit file and the drop-ins read before ``skip``
-    give (the value this package's drop-in must never go below); ``after``
-    lists the drop-ins that set LimitNOFILE and are read after ``skip``, in
-    order: the last one wins over it. Without ``skip``, ``limit`` is what
-    they all give. A value systemd could not parse is an error naming the
-    file."""
+def effective(unit_dirs, unit, nr_open, default, skip=None, extra=()):
+    """What the unit file and its drop-ins give ``unit`` around ``skip``
+    (this package's own drop-in, left out): ``{"before": (soft, hard)`` in
+    force where ``skip`` is read, and ``"before_source"`` (a path or
+    ``DefaultLimitNOFILE``); ``"limit"`` and ``"source"``: what they give
+    in the end without ``skip``; ``"after"``: ``[(path, (soft, hard))]`` of
+    the drop-ins read after ``skip`` that set LimitNOFILE (the last wins
+    over it); ``"files"``: every file read}``. ``extra``: see ``dropins``.
+    A value systemd could not parse is an error naming the file."""
     limit, source, after = default, "DefaultLimitNOFILE", []
+    before, before_source = None, None
     own = os.path.basename(skip) if skip else None
-    for path in filter(None, [unit_file(unit_dirs, unit)] + dropins(unit_dirs, unit)):
+    fragment = unit_file(unit_dirs, unit)
+    files = ([fragment] if fragment else []) + dropins(unit_dirs, unit, extra)
+    for path in files:
         name = os.path.basename(path)
         if name == own:
             continue
+        # Drop-ins are applied in file-name order: one named after ours is read after it.
+        if own and before is None and path != fragment and name > own:
+            before, before_source = limit, source
         try:
             values = assignments(journal.read_text(path, 1 << 20))
         except journal.NotRegularFile:
             continue
-        # A drop-in named after this package's own is read after it, and wins.
-        later = bool(own) and path.endswith(".conf") and os.path.basename(os.path.dirname(path)).endswith(".d") \
-            and name > own
         for raw in values:
             try:
                 parsed = parse_limit(raw, nr_open)
             except ValueError as exc:
                 raise ValueError(f"{path}: LimitNOFILE={raw}: {exc}") from None
-            if later:
-                after.append((path, parsed or default))
-            else:
-                limit, source = (parsed or default), path
-    return {"limit": limit, "source": source, "after": after}
+            limit, source = (parsed or default), path
+            if before is not None:
+                after.append((path, limit))
+    if before is None:
+        before, before_source = limit, source
+    return {"limit": limit, "source": source, "before": before, "before_source": before_source, "after": after,
+            "files": files}
+
+
+def clamp(pair, ceiling):
+    """What systemd really gives for a configured (soft, hard): it clamps
+    each field to the hard limit it has itself (without CAP_SYS_RESOURCE),
+    silently (``systemctl show`` keeps the configured value)."""
+    return tuple(None if v is None else min(v, ceiling) for v in pair)
 
 
 def render_dropin(soft, hard, unit):
@@ -165,14 +190,18 @@ def render_dropin(soft, hard, unit):
 
 
 def show(run, systemctl, units, nr_open):
-    """``{unit: (soft, hard)}`` as the running systemd merged them
-    (``systemctl show -p Id,LimitNOFILESoft,LimitNOFILE``, one call for all);
-    templates and units systemd does not know are left out. ``run(argv)``
-    gives ``(rc, output)``."""
+    """``{unit: {"limit": (soft, hard), "dropins": [paths], "fragment": path,
+    "reload": bool}}`` as the running systemd has them merged (``systemctl
+    show -p Id,LoadState,LimitNOFILESoft,LimitNOFILE,DropInPaths,
+    FragmentPath,NeedDaemonReload``, one call for all): the configured
+    values, not what systemd could grant; ``reload``: the files changed
+    since systemd read them. Templates and units systemd does not know are
+    left out. ``run(argv)`` gives ``(rc, output)``."""
     names = [u for u in units if not u.endswith("@.service")]
     if not names:
         return {}
-    rc, output = run([systemctl, "show", "--property=Id,LoadState,LimitNOFILESoft,LimitNOFILE", "--", *names])
+    rc, output = run([systemctl, "show", "--property=Id,LoadState,LimitNOFILESoft,LimitNOFILE,DropInPaths,"
+                      "FragmentPath,NeedDaemonReload", "--", *names])
     if rc != 0:
         return {}
     found = {}
@@ -181,7 +210,12 @@ def show(run, systemctl, units, nr_open):
         if fields.get("LoadState") != "loaded" or "Id" not in fields:
             continue
         with contextlib.suppress(KeyError, ValueError):
-            found[fields["Id"]] = (_number(fields["LimitNOFILESoft"], nr_open), _number(fields["LimitNOFILE"], nr_open))
+            found[fields["Id"]] = {
+                "limit": (_number(fields["LimitNOFILESoft"], nr_open), _number(fields["LimitNOFILE"], nr_open)),
+                "dropins": fields.get("DropInPaths", "").split(),
+                "fragment": fields.get("FragmentPath") or None,
+                "reload": fields.get("NeedDaemonReload") == "yes",
+            }
     return found
 
 

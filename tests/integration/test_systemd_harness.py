@@ -16,9 +16,8 @@ from support import systemd_units as units
 from support.systemd_box import is_container_init, nspawn_available
 from support.systemd_fixtures import host_changes, snapshot_host, supervised_pid
 
-from sstuning_catalogue import SS_PROCESS_NAMES
-from sstuning_lines import render_dropin
-from sstuning_limits import DROPIN_NAME
+from sstuning_daemons import program_names
+from sstuning_units import DROPIN_NAME, render_dropin
 
 pytestmark = [
     pytest.mark.slow,
@@ -110,7 +109,7 @@ def test_tuning_dropin_wins_over_systemctl_edit_override(systemd_box, libev_unit
     box.reset_failed(unit)
     box.restart(unit)
     assert box.limits(box.main_pid(unit)) == both(8192, box)
-    pid = restart_with(box, unit, 12288, DROPIN_NAME, text=render_dropin(12288, unit))
+    pid = restart_with(box, unit, 12288, DROPIN_NAME, text=render_dropin(12288, 12288, unit))
     assert box.limits(pid) == both(12288, box)
     assert box.show(unit, "LimitNOFILE")["LimitNOFILE"] == "12288"
 
@@ -164,7 +163,7 @@ def test_shadowsocks_rust_shaped_units(systemd_box, shadowsocks_rust_units):
     box = systemd_box
     default, instance = shadowsocks_rust_units["default"], shadowsocks_rust_units["instance"]
     pid = box.main_pid(default.unit)
-    assert comm(box, pid) == "ssservice" and "ssservice" in SS_PROCESS_NAMES
+    assert comm(box, pid) == "ssservice" and "ssservice" in program_names()
     assert box.limits(pid) == both(32768, box)
     pid = box.main_pid(instance.unit)
     hard = default_limits(box)[1]
