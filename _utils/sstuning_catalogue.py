@@ -24,7 +24,7 @@ from salt.exceptions import SaltInvocationError
 #   removed   kernel (major, minor) that removed the key
 #   refuse    {value: why} values refused outright
 #   module    word value -> kernel module prefix that provides it
-#   doc       what it does, shown by `catalogue` and in the README
+#   doc       what it does, shown by `catalogue` and `explain`
 #   source    where the kernel's behaviour behind `more` is documented
 # --------------------------------------------------------------------------
 INT_MAX = 2**31 - 1

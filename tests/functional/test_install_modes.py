@@ -159,12 +159,12 @@ def test_the_wheel_ships_sls_pillar_example_license_and_every_flat_module(dists)
     assert "[salt.loader]\nshadowsocks_tuning = saltext_shadowsocks_tuning:loader_dirs" in entry
 
 
-def test_the_sdist_holds_the_tests_the_benchmarks_and_the_license(dists):
+def test_the_sdist_holds_the_tests_the_benchmarks_the_docs_and_the_license(dists):
     with tarfile.open(dists["sdist"]) as sdist:
         top = sdist.getnames()[0].split("/")[0]
         names = {n.split("/", 1)[1] for n in sdist.getnames() if "/" in n}
     source = dists["source"]
-    for tree in ("tests", "bench"):
+    for tree in ("tests", "bench", "docs"):
         files = {str(p.relative_to(source)) for p in (source / tree).rglob("*")
                  if p.is_file() and "__pycache__" not in p.parts}
         assert files and not files - names, f"{tree} files missing from {top}: {sorted(files - names)}"

@@ -6,14 +6,14 @@ headroom 20 %), the package synced from this repository and its sysctl part
 applied into a sandbox (see TuningSandbox in support/fleet.py):
 
 - a `sysctl -w` of a managed key inside the minion's namespace gives one
-  drift event with the live value, the README's reactor re-applies
+  drift event with the live value, the reactor of docs/watching.md re-applies
   `shadowsocks.tuning` and the value comes back, then nothing fires while
   nothing changes;
 - ss-server under a private supervisord at 512 open files, driven through
   ss-local past 80 % of them, gives one fd-headroom event whose numbers are
-  those /proc shows, and the README's alert reactor runs on the minion.
+  those /proc shows, and the alert reactor of docs/watching.md runs on the minion.
 
-The master's reactors are the two SLS files of the README, taken from it.
+The master's reactors are the two SLS files of docs/watching.md, taken from it.
 
 No host sysctl, no file under /etc, no host daemon is touched; the
 supervisord, ss-server, ss-local and echo server of the rig are stopped.
@@ -39,13 +39,13 @@ QUIET = 6 * INTERVAL  # how long "nothing changes" is watched
 DRIFT_KEY = "net.ipv4.tcp_keepalive_time"
 NOFILE = 512  # ss-server's open-file limit in the rig (supervisord minfds too)
 MAX_CONNECTIONS = 400  # the bounded loop that fills ss-server's descriptors
-EVENTS_OUT = os.environ.get("SSTUNING_BEACON_EVENTS")  # where to keep the events seen (README example)
+EVENTS_OUT = os.environ.get("SSTUNING_BEACON_EVENTS")  # where to keep the events seen (the example of docs/watching.md)
 
 
 def readme_reactors():
-    """{name: text} of the reactor SLS blocks in the README (their first line
-    is `# /srv/reactor/NAME`)."""
-    text = (REPO / "README.md").read_text()
+    """{name: text} of the reactor SLS blocks in docs/watching.md (their first
+    line is `# /srv/reactor/NAME`)."""
+    text = (REPO / "docs" / "watching.md").read_text()
     found = {}
     for block in re.findall(r"```yaml\n(.*?)```", text, re.S):
         match = re.match(r"# /srv/reactor/(\S+\.sls)", block)
@@ -156,7 +156,7 @@ def test_a_drifted_sysctl_fires_once_and_nothing_fires_while_nothing_changes(
     assert data["pillar"] == f"shadowsocks:tuning:sysctls:{DRIFT_KEY}"
     assert data["severity"] == "warning" and "state.apply shadowsocks.tuning" in data["fix"]
 
-    # The README's reactor re-applies shadowsocks.tuning: the value comes back.
+    # The reactor of docs/watching.md re-applies shadowsocks.tuning: the value comes back.
     job = wait_for_job(event_listener, fleet_master, "state.apply", start)
     kwargs = [{k: v for k, v in a.items() if k != "__kwarg__"} for a in job["fun_args"] if isinstance(a, dict)]
     assert job["retcode"] == 0 and kwargs == [{"mods": "shadowsocks.tuning"}], job["fun_args"]
@@ -223,7 +223,7 @@ def test_ss_server_past_80_percent_of_its_fds_fires_one_event_with_the_numbers(
             assert data["pillar"] == "shadowsocks:tuning:nofile" and "state.apply shadowsocks.tuning" in data["fix"]
             assert f"uses {opened} of its {soft} open files" in data["symptom"]
 
-            # The README's alert reactor: logger on the minion, the text as one argument, no shell.
+            # The alert reactor of docs/watching.md: logger on the minion, the text as one argument, no shell.
             alert = wait_for_job(event_listener, fleet_master, "cmd.run", start)
             (arguments,) = [a for a in alert["fun_args"] if isinstance(a, dict) and "cmd" in a]
             assert arguments["cmd"][:6] == ["logger", "-p", "daemon.crit", "-t", "shadowsocks-tuning",
