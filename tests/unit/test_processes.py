@@ -63,10 +63,10 @@ def test_process_names(comm, argv, expected):
 
 
 def test_process_names_given_as_text_or_a_list():
-    assert limits.process_names("ss-server, ss-local,") == {"ss-server", "ss-local"}
-    assert limits.process_names(["ssserver"]) == {"ssserver"}
+    assert limits.process_names("ss-server, ss-local,", daemons.KINDS) == {"ss-server", "ss-local"}
+    assert limits.process_names(["ssserver"], daemons.KINDS) == {"ssserver"}
     with pytest.raises(SaltInvocationError):
-        limits.process_names([1])
+        limits.process_names([1], daemons.KINDS)
 
 
 def test_a_pidfile_scopes_the_report_to_that_process_tree(tmp_path):
@@ -106,8 +106,8 @@ def test_a_low_process_is_reported_with_the_reason(tmp_path):
         assert "started before the limit was configured" in entry["reason"]
         assert f"ss-server (pid {proc.pid}): soft 256" in report["comment"]
         assert limits.report("/proc/sys", 256, NAMES, [str(pidfile)])["ok"]
-        # `watch` gives up after its wait, with the same verdict.
-        assert not limits.watch("/proc/sys", 1024, NAMES, [str(pidfile)], 0)["ok"]
+        # `verify` gives up after its wait, with the same verdict.
+        assert not limits.verify("/proc/sys", 1024, NAMES, [str(pidfile)], 0)["ok"]
     finally:
         proc.kill()
         proc.wait()
@@ -176,3 +176,35 @@ def test_a_service_command_that_cannot_run_is_named():
     with pytest.raises(CommandExecutionError) as err:
         services.run_service(["/nonexistent/service", "start"], 5)
     assert "cannot run /nonexistent/service start" in str(err.value)
+
+
+def test_a_daemon_of_another_pid_namespace_is_not_this_boxs(tmp_path):
+    """A container's ss-server (here a real process in a child PID namespace,
+    `unshare --pid --fork`, as nspawn and docker start them) shows in this
+    box's /proc, but its service and files are the container's: it is not
+    found for raising, restarting or judging; the same program started here is."""
+    if not procfs.pid_namespace("self"):
+        pytest.skip("/proc/self/ns/pid cannot be read here")
+    fake = tmp_path / "ss-server"
+    fake.symlink_to("/bin/sleep")
+    here = subprocess.Popen([str(fake), "30"])
+    there = subprocess.Popen(["unshare", "--pid", "--fork", str(fake), "30"])
+    try:
+        wait_until_exec(here.pid, fake)
+        inner = None
+        deadline = time.monotonic() + 10
+        while inner is None and time.monotonic() < deadline:
+            children = [pid for pid, (_, _, ppid) in procfs.process_table().items() if ppid == there.pid]
+            inner = next((pid for pid in children if procfs.proc_argv(pid)[:1] == [str(fake)]), None)
+            time.sleep(0.01)
+        assert inner, "unshare --pid --fork did not start its child (needs CAP_SYS_ADMIN)"
+        assert procfs.pid_namespace(inner) != procfs.pid_namespace("self")
+        assert not procfs.in_this_pid_namespace(inner) and procfs.in_this_pid_namespace(here.pid)
+        named = procfs.named_processes(procfs.process_table(), {"ss-server"})
+        assert named.get(here.pid) == "ss-server" and inner not in named
+        found = limits.processes(procfs.process_table(), {"shadowsocks_libev": daemons.KINDS["shadowsocks_libev"]})
+        assert here.pid in found and inner not in found
+    finally:
+        for proc in (here, there):
+            proc.kill()
+            proc.wait()
