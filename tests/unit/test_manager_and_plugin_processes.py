@@ -89,4 +89,4 @@ def test_manager_children_and_plugins_are_found_and_checked(family, tmp_path):
     assert f"obfs-server (pid {plugin}): soft 1000, hard 1000" in report["comment"]
     assert limits.report("/proc/sys", 1000, NAMES, [str(pidfile)])["ok"]
     # a plugin of any name is found as a child of ss-server, even when not named
-    assert procfs.named_processes(table, {"ss-server"})[plugin] == "obfs-server"
+    assert procfs.named_processes(table, {"ss-server"}, {"ss-server"})[plugin] == "obfs-server"
