@@ -354,9 +354,13 @@ def plan(settings, options, table=None):
                 planned.append(item)
             parts[part].append({"files": planned, "restart": group["restart"], "restart_why": None})
     table = procfs.process_table() if table is None else table
-    scripts = [procfs.pid_from(g["restart"]["pidfile"]) for g in limits["parts"]["init_scripts"]
-               if g["restart"] and g["restart"]["pidfile"]]
-    found = processes(table, limits["kinds"], procfs.subtree(table, [pid for pid in scripts if pid]))
+    # The whole tree of every service named by a pidfile (a kind's, an init
+    # script's), whatever its programs are called: a raise in place must
+    # reach what its restart would (supervisord's programs inherit its
+    # limits), and verify judges that whole tree.
+    roots = [procfs.pid_from(g["restart"]["pidfile"]) for groups in limits["parts"].values() for g in groups
+             if g["restart"] and g["restart"].get("pidfile")]
+    found = processes(table, limits["kinds"], procfs.subtree(table, [pid for pid in roots if pid]))
     members = _members(table, settings, parts, found)
     cap = procfs.has_cap_sys_resource("self")
     for pid, proc in sorted(found.items()):
