@@ -146,7 +146,7 @@ def plan_file(options, target, nofile, force, ceiling, raises_soft=False):
     what = target.get("key") if kind == "assignment" else WHAT[kind]
     path = target["path"] or units.dropin_path(options["systemd_dir"], target["unit"])
     result = {"path": path, "what": what, "changed": False, "skipped": False, "old": None, "new": None,
-              "diff": "", "text": None, "overridden": []}
+              "diff": "", "text": None, "overridden": [], "notes": []}
     nr_open = procfs.nr_open(options["proc_root"])
     if kind == "dropin":
         return _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, nr_open)
@@ -188,7 +188,7 @@ def plan_file(options, target, nofile, force, ceiling, raises_soft=False):
     if change is None:
         result["comment"] = f"{path}: {what} {_show(wanted)} is in place"
         return result
-    result.update(changed=True, diff=change["diff"], text=new_text,
+    result.update(changed=True, diff=change["diff"], text=new_text, notes=notes,
                   comment=f"{path}: {what} would be set to {_show(wanted)} (now {old or 'not set'})"
                           + (f"; {'; '.join(notes)}" if notes else ""))
     return result
@@ -228,7 +228,7 @@ def _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, n
     if change is None:
         result["comment"] = f"{path}: LimitNOFILE {_show(wanted)} is in place"
         return result
-    result.update(changed=True, diff=change["diff"], text=new_text,
+    result.update(changed=True, diff=change["diff"], text=new_text, notes=notes,
                   comment=f"{path}: LimitNOFILE would be set to {_show(wanted)} (now {result['old']})"
                           + (f"; {'; '.join(notes)}" if notes else ""))
     return result
@@ -242,7 +242,11 @@ def write_file(options, planned):
         journal.atomic_write(path, planned["text"])
     except OSError as exc:
         raise CommandExecutionError(f"cannot write {journal.describe_error(path, exc)}; the file is unchanged")
-    planned["comment"] = f"{path}: {planned['what']} set to {planned['new']} (was {planned['old'] or 'not set'})"
+    # Why a value was kept or replaced (one that could never be granted is
+    # lowered): said as the prediction said it.
+    notes = planned.get("notes") or []
+    planned["comment"] = (f"{path}: {planned['what']} set to {planned['new']} (was {planned['old'] or 'not set'})"
+                          + (f"; {'; '.join(notes)}" if notes else ""))
     return planned
 
 
