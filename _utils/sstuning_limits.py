@@ -380,6 +380,9 @@ def plan(settings, options, table=None):
             changed = any(item["changed"] for item in group["files"])
             if policy in ("running", "always") and changed and group["restart"]:
                 group["restart_why"] = f"its file changed (restart: {policy})"
+            elif policy == "never" and changed and group["restart"]:
+                # Not restarted, but said: apply names the service to stop and start by hand.
+                group["restart_why"] = "its file changed"
     if nofile > granted["limit"] and (manage or found):
         errors.append(
             f"pillar {PILLAR}:nofile: {nofile} cannot be granted here: {granted['reason']}: `ulimit -n {nofile}` "
