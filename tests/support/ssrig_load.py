@@ -236,7 +236,8 @@ class HeldConnections:
         kept = set(alive)
         self.times = [t for sock, t in zip(self.socks, self.times) if sock in kept]
         self.socks = [sock for sock in self.socks if sock in kept]
-        return {"checked": checked, "echoed": len(alive), "failures": failures, "seconds": round(time.monotonic() - start, 3)}
+        return {"checked": checked, "echoed": len(alive), "failures": failures,
+                "seconds": round(time.monotonic() - start, 3)}
 
     def close(self):
         for sock in self.socks:
