@@ -155,7 +155,7 @@ def plan_file(options, target, nofile, force, ceiling, raises_soft=False, shown=
     what = target.get("key") if kind == "assignment" else WHAT[kind]
     path = target["path"] or units.dropin_path(options["systemd_dir"], target["unit"])
     result = {"path": path, "what": what, "changed": False, "skipped": False, "old": None, "new": None,
-              "diff": "", "text": None, "overridden": []}
+              "diff": "", "text": None, "overridden": [], "notes": []}
     nr_open = procfs.nr_open(options["proc_root"])
     if kind == "dropin":
         return _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, nr_open,
@@ -198,7 +198,7 @@ def plan_file(options, target, nofile, force, ceiling, raises_soft=False, shown=
     if change is None:
         result["comment"] = f"{path}: {what} {_show(wanted)} is in place"
         return result
-    result.update(changed=True, diff=change["diff"], text=new_text,
+    result.update(changed=True, diff=change["diff"], text=new_text, notes=notes,
                   comment=f"{path}: {what} would be set to {_show(wanted)} (now {old or 'not set'})"
                           + (f"; {'; '.join(notes)}" if notes else ""))
     return result
@@ -294,8 +294,9 @@ def _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, n
     if change is None:
         result["comment"] = f"{path}: LimitNOFILE {_show(wanted)} is in place{suffix}"
         return result
-    result.update(changed=True, diff=change["diff"], text=new_text,
-                  comment=f"{path}: LimitNOFILE would be set to {_show(wanted)} (now {result['old']}){suffix}")
+    result.update(changed=True, diff=change["diff"], text=new_text, notes=notes,
+                  comment=f"{path}: LimitNOFILE would be set to {_show(wanted)} (now {result['old']})"
+                          + (f"; {'; '.join(notes)}" if notes else ""))
     return result
 
 
@@ -307,7 +308,11 @@ def write_file(options, planned):
         journal.atomic_write(path, planned["text"])
     except OSError as exc:
         raise CommandExecutionError(f"cannot write {journal.describe_error(path, exc)}; the file is unchanged")
-    planned["comment"] = f"{path}: {planned['what']} set to {planned['new']} (was {planned['old'] or 'not set'})"
+    # Why a value was kept or replaced (one that could never be granted is
+    # lowered): said as the prediction said it.
+    notes = planned.get("notes") or []
+    planned["comment"] = (f"{path}: {planned['what']} set to {planned['new']} (was {planned['old'] or 'not set'})"
+                          + (f"; {'; '.join(notes)}" if notes else ""))
     return planned
 
 
@@ -430,9 +435,13 @@ def plan(settings, options, table=None):
                 planned.append(item)
             parts[part].append({"files": planned, "restart": group["restart"], "restart_why": None})
     table = procfs.process_table() if table is None else table
-    scripts = [procfs.pid_from(g["restart"]["pidfile"]) for g in limits["parts"]["init_scripts"]
-               if g["restart"] and g["restart"]["pidfile"]]
-    found = processes(table, limits["kinds"], procfs.subtree(table, [pid for pid in scripts if pid]))
+    # The whole tree of every service named by a pidfile (a kind's, an init
+    # script's), whatever its programs are called: a raise in place must
+    # reach what its restart would (supervisord's programs inherit its
+    # limits), and verify judges that whole tree.
+    roots = [procfs.pid_from(g["restart"]["pidfile"]) for groups in limits["parts"].values() for g in groups
+             if g["restart"] and g["restart"].get("pidfile")]
+    found = processes(table, limits["kinds"], procfs.subtree(table, [pid for pid in roots if pid]))
     members = _members(table, settings, parts, found)
     cap = procfs.has_cap_sys_resource("self")
     for pid, proc in sorted(found.items()):
@@ -454,6 +463,9 @@ def plan(settings, options, table=None):
             changed = any(item["changed"] for item in group["files"])
             if policy in ("running", "always") and changed and group["restart"]:
                 group["restart_why"] = f"its file changed (restart: {policy})"
+            elif policy == "never" and changed and group["restart"]:
+                # Not restarted, but said: apply names the service to stop and start by hand.
+                group["restart_why"] = "its file changed"
     if nofile > granted["limit"] and (manage or found):
         errors.append(
             f"pillar {PILLAR}:nofile: {nofile} cannot be granted here: {granted['reason']}: `ulimit -n {nofile}` "

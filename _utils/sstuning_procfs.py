@@ -250,15 +250,34 @@ def adopted(table):
     return links
 
 
+def pid_namespace(pid):
+    """The PID namespace of a process (``pid:[4026531836]``), or None when it
+    is gone or not readable."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def in_this_pid_namespace(pid):
+    """False for a process of another PID namespace: a container's (nspawn,
+    docker, lxc) daemons belong to its own service manager and its own
+    files, which this box's salt neither reads nor restarts, so it must not
+    raise or judge them either. True when either side cannot be read."""
+    own, other = pid_namespace("self"), pid_namespace(pid)
+    return own is None or other is None or own == other
+
+
 def named_processes(table, names, parents=()):
-    """{pid: name} of every process called one of ``names``, and of every
-    child of a process called one of ``parents`` (the servers that start
-    SIP003 plugins such as obfs-server): a plugin, under whatever name, has
-    limits of its own and holds the clients' connections."""
+    """{pid: name} of every process of this PID namespace called one of
+    ``names`` (a container's are not this box's: ``in_this_pid_namespace``),
+    and of every child of a process called one of ``parents`` (the servers
+    that start SIP003 plugins such as obfs-server): a plugin, under whatever
+    name, has limits of its own and holds the clients' connections."""
     named = {}
     for pid, (comm, _, _) in table.items():
         name = match_name(comm, functools.partial(proc_argv, pid), names)
-        if name:
+        if name and in_this_pid_namespace(pid):
             named[pid] = name
     servers = {pid for pid, name in named.items() if name in parents}
     for pid, (comm, _, ppid) in table.items():

@@ -1,5 +1,6 @@
 """bench/capacity runs, in its reduced form (--quick: steps 200,1900, nofile
-4096): it finishes, prints its per-step table and its targets, writes the
+4096; and --live --quick: one busy ss-server held through the state): it
+finishes, prints its per-step table and its targets, writes the
 PNG, the markdown and the JSON, and leaves nothing behind: no process it
 started, no network namespace, no temp dir, /etc as it was, the system
 supervisord stopped as it was. No timing and no target is asserted: a busy
@@ -125,6 +126,45 @@ def test_capacity_quick_runs_writes_its_outputs_and_leaves_nothing(real_parts, t
     assert data["namespace"] not in namespaces()
     assert not {n for n in namespaces() - ns_before if n.startswith("sstcap-")}
     assert not [d for d in data["temp_dirs"] if os.path.exists(d)], "bench/capacity left a temp dir"
+    assert not own_temp_dirs() - dirs_before
+    assert etc_state() == etc_before, "bench/capacity did not put /etc back"
+    assert not running(SUPERVISOR_PIDFILE, "supervisord"), "bench/capacity left the system supervisord running"
+
+
+@pytest.mark.slow
+def test_capacity_live_quick_keeps_its_connections_through_the_state_and_leaves_nothing(real_parts, tmp_path):
+    """--live --quick: the connections held at the old limit stay open through
+    the state (the live policy raises ss-server in place) and the ramp goes on
+    to 1900 with the same ss-server. The figures are what the run measured;
+    only what a raise in place promises is asserted, no timing."""
+    out = tmp_path / "results"
+    etc_before, ns_before, dirs_before = etc_state(), namespaces(), own_temp_dirs()
+
+    proc = run_capacity("--live", "--quick", "--out", str(out), timeout=180)
+    assert proc.returncode == 0, f"bench/capacity --live --quick failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    for line in ("held_before", "cut_by_the_state", "too_many_open_files_after", "pid_changed",
+                 "first_accept_above_old_limit_s"):
+        assert re.search(rf"^{line}\s+\S", proc.stdout, re.M), (line, proc.stdout)
+
+    data = json.loads((out / "capacity-live.json").read_text())
+    summary, live = data["summary"], data["live"]
+    assert [p["phase"] for p in live["phases"]] == [
+        "hold (before)", "over the limit (before)", "during the state", "held ones checked (after)",
+        "ramp on to 1900 (after)", "all checked (end)"]
+    assert summary["nofile_before"][0] == 1024 and summary["nofile_after"][0] == data["options"]["nofile"] == 4096
+    assert summary["too_many_open_files_before"] > 0  # it was over its limit
+    assert summary["pid_changed"] is False and summary["cut_by_the_state"] == 0
+    assert summary["held_after"] == 1900 and summary["failed_after"] == 0
+    assert summary["too_many_open_files_after"] == 0
+    assert summary["first_accept_above_old_limit_s"] is not None
+    assert live["state_apply"]["states"]["shadowsocks-tuning-nofile-verify"]["result"] is True
+    width, height = png_size(out / "capacity-live.png")
+    assert width >= 600 and height >= 400
+    assert "](capacity-live.png)" in (out / "capacity-live.md").read_text()
+    assert not list(out.glob("*.tmp"))
+
+    assert not [pid for pid in data["pids"] if ssrig.pid_alive(pid)], "bench/capacity left processes running"
+    assert not {n for n in namespaces() - ns_before if n.startswith("sstcap-")}
     assert not own_temp_dirs() - dirs_before
     assert etc_state() == etc_before, "bench/capacity did not put /etc back"
     assert not running(SUPERVISOR_PIDFILE, "supervisord"), "bench/capacity left the system supervisord running"

@@ -9,7 +9,11 @@ action) whose daemon holds one live loopback TCP connection, started before
 the tests with `ulimit -n 1024`. Pillar names the script under
 `limits:init_scripts` with `restart: running`, and the minion option
 `shadowsocks_tuning.init_dir` points at the sandbox, so the package stops and
-starts this daemon, and no other.
+starts this daemon, and no other. A rolling apply means something only where
+the apply restarts: the default policy (`live`) would raise a daemon in place
+instead, so this one needs a restart twice over: `restart: running` stops and
+starts a service whose file changed, and `ulimit -n 1024` set its hard limit
+too (1024:1024), which no raise in place lifts without CAP_SYS_RESOURCE.
 
 The proof of "one after another" is the recorded events: each init script
 logs when its `stop` began and its `start` ended; under `-b 1` the intervals of
@@ -34,7 +38,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.fleet_sources("repo")]
 MINIONS = ("roll-1", "roll-2", "roll-3")
 SERVICE = "fake-ss"
 DAEMON_NAME = "ss-server"
-SCRIPTS = "shadowsocks_tuning_|-shadowsocks-tuning-nofile-init-scripts_|-shadowsocks-tuning-nofile-init-scripts_|-limits_applied"
+# One state manages every kind of daemon, the init scripts pillar names included.
+SCRIPTS = "shadowsocks_tuning_|-shadowsocks-tuning-nofile_|-shadowsocks-tuning-nofile_|-limits_applied"
 VERIFY = "shadowsocks_tuning_|-shadowsocks-tuning-nofile-verify_|-shadowsocks-tuning-nofile-verify_|-nofile_reached"
 NOFILE = 4096
 # The Debian-shaped init script of tests/support/common.py (FAKE_INIT), with a
@@ -177,7 +182,7 @@ def started(fleet_synced, fleet_net, services):
         subprocess.run(["ip", "netns", "exec", fleet_net.node(mid).netns, "sh", "-c",
                         f"ulimit -n 1024 && exec {service.script} start"], check=True, timeout=20)
         pids[mid] = wait_running(service)
-        assert service.nofile(pids[mid]) == 1024
+        assert procfs.proc_nofile(pids[mid]) == (1024, 1024)  # hard too: no raise in place can lift it
         service.calls.write_text("")
     return pids
 

@@ -11,7 +11,7 @@ live next to it:
 * ``ssrig_supervisor`` - ``SsServerProgram``, ``PrivateSupervisor``, ``FileGuard``,
                          ``SystemSupervisor``, and what was observed of Debian's
                          supervisor init script, supervisord and ss-server.
-* ``ssrig_load``       - ``SsLocal`` and ``socks5_ramp()``.
+* ``ssrig_load``       - ``SsLocal``, ``socks5_ramp()`` and ``HeldConnections``.
 * here                 - ``Rig``, ``loopback_rig()`` and the script entry ``_main``.
 
 Pieces (all on 127.0.0.1, all stopped and cleaned up by their context managers):
@@ -33,7 +33,9 @@ Pieces (all on 127.0.0.1, all stopped and cleaned up by their context managers):
                           running/stopped as it found it.
 * ``SsLocal``           - ss-local (SOCKS5) pointing at the ss-server.
 * ``socks5_ramp()``     - K concurrent SOCKS5 CONNECTs through ss-local to the
-                          echo server, all held open at once, each checked by echo.
+                          echo server, all held open at once, each checked by echo;
+                          ``keep=True`` leaves them open as ``HeldConnections``,
+                          whose ``check()`` echoes through each again later.
 * ``loopback_rig()``    - everything above in one ``with`` block.
 
 Run as a script, this module also provides the two helper processes it starts:

@@ -1,5 +1,7 @@
-"""ssrig client side: ``SsLocal`` (ss-local, SOCKS5 on loopback) and ``socks5_ramp()``
-(K concurrent SOCKS5 CONNECTs through it, all held open at once, each checked by echo)."""
+"""ssrig client side: ``SsLocal`` (ss-local, SOCKS5 on loopback), ``socks5_ramp()``
+(K concurrent SOCKS5 CONNECTs through it, all held open at once, each checked by echo)
+and ``HeldConnections`` (what a ramp with ``keep=True`` leaves open: each checked
+again by echo later, e.g. after the daemon's limit was raised under them)."""
 
 import contextlib
 import errno
@@ -23,7 +25,7 @@ else:  # tests/support itself on sys.path: bench/capacity, ssrig_demo.py, `pytho
 # ``from .ssrig_load import *``.
 __all__ = [
     "SsLocal", "_CONNECTING", "_GREETING", "_REQUEST", "_ECHO", "_HELD", "_FAILED",
-    "_SOCKS5_GREETING", "_RampFailure", "_Conn", "socks5_ramp",
+    "_SOCKS5_GREETING", "_RampFailure", "_Conn", "socks5_ramp", "HeldConnections",
 ]
 
 
@@ -152,8 +154,105 @@ class _Conn:
         return True
 
 
+class HeldConnections:
+    """Connections a ramp kept open (``socks5_ramp(..., keep=True)``): every one has
+    done its SOCKS5 handshake and echoed once.  ``times`` are the monotonic times of
+    those first echoes.  ``check()`` sends each a new payload and waits for it to
+    come back, so a connection that was cut in between is found; ``close()`` (or
+    leaving the ``with`` block) closes them all.  Several ramps' connections can be
+    gathered into one with ``extend()``."""
+
+    def __init__(self, socks=(), times=()):
+        self.socks, self.times = list(socks), list(times)
+
+    def __len__(self):
+        return len(self.socks)
+
+    def extend(self, other):
+        self.socks.extend(other.socks)
+        self.times.extend(other.times)
+        other.socks, other.times = [], []
+        return self
+
+    def check(self, timeout=30.0, stall_timeout=5.0):
+        """Send every connection a unique payload and read it back.  Returns
+        ``{"checked", "echoed", "failures": {reason: count}, "seconds"}``; bounded
+        by ``timeout`` overall and ``stall_timeout`` without progress.  A failed
+        connection is closed and dropped, so the next check sees only live ones."""
+        sel = selectors.DefaultSelector()
+        checked = len(self.socks)
+        want, got, failures, alive = {}, {}, {}, []
+        start = last = time.monotonic()
+
+        def fail(sock, reason):
+            failures[reason] = failures.get(reason, 0) + 1
+            with contextlib.suppress(KeyError, ValueError):
+                sel.unregister(sock)
+            sock.close()
+
+        for index, sock in enumerate(self.socks):
+            payload = b"ssrig again %08d\n" % index
+            try:
+                sent = sock.send(payload)  # a few bytes into an empty buffer: all of it or an error
+            except OSError as exc:
+                fail(sock, f"send_{errno.errorcode.get(exc.errno, type(exc).__name__)}")
+                continue
+            if sent != len(payload):
+                fail(sock, "send_short")
+                continue
+            want[sock], got[sock] = payload, b""
+            sel.register(sock, selectors.EVENT_READ)
+        pending = set(want)
+        try:
+            while pending:
+                now = time.monotonic()
+                if now - start >= timeout or now - last >= stall_timeout:
+                    break
+                for key, _ in sel.select(timeout=0.1):
+                    sock = key.fileobj
+                    try:
+                        data = sock.recv(4096)
+                    except OSError as exc:
+                        pending.discard(sock)
+                        fail(sock, f"error_{errno.errorcode.get(exc.errno, type(exc).__name__)}")
+                        continue
+                    last = time.monotonic()
+                    if not data:
+                        pending.discard(sock)
+                        fail(sock, "eof")
+                        continue
+                    got[sock] += data
+                    if len(got[sock]) >= len(want[sock]):
+                        pending.discard(sock)
+                        sel.unregister(sock)
+                        if got[sock] == want[sock]:
+                            alive.append(sock)
+                        else:
+                            fail(sock, "echo_mismatch")
+            for sock in pending:
+                fail(sock, "no_echo_in_time")
+        finally:
+            sel.close()
+        kept = set(alive)
+        self.times = [t for sock, t in zip(self.socks, self.times) if sock in kept]
+        self.socks = [sock for sock in self.socks if sock in kept]
+        return {"checked": checked, "echoed": len(alive), "failures": failures,
+                "seconds": round(time.monotonic() - start, 3)}
+
+    def close(self):
+        for sock in self.socks:
+            sock.close()
+        self.socks, self.times = [], []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def socks5_ramp(socks_port, target_port, count, ss=None, timeout=30.0, stall_timeout=3.0,
-                batch=256, hold_seconds=0.3, target_host=HOST):
+                batch=256, hold_seconds=0.3, target_host=HOST, keep=False):
     """Open ``count`` concurrent SOCKS5 CONNECTs via ``socks_port`` to ``target_host:target_port``.
 
     Every connection does the SOCKS5 handshake (no auth, CONNECT IPv4), sends a
@@ -169,7 +268,11 @@ def socks5_ramp(socks_port, target_port, count, ss=None, timeout=30.0, stall_tim
     elapsed, timed_out, stalled, failures (reason -> count), and with ``ss``:
     ss_server_pid, ss_server_nofile (soft, hard), ss_server_open_fds, rss_kb
     (VmRSS while all were held), too_many_open_files (lines during the ramp),
-    too_many_open_files_total.
+    too_many_open_files_total.  first_echo: monotonic time of the first echo (None).
+
+    ``keep=True``: the held connections are not closed at the end but returned
+    as ``result["kept"]`` (a HeldConnections; the caller closes them).  Failed
+    and unfinished ones are closed either way.
     """
     raise_nofile_soft_limit()
     request = b"\x05\x01\x00\x01" + socket.inet_aton(target_host) + target_port.to_bytes(2, "big")
@@ -178,8 +281,10 @@ def socks5_ramp(socks_port, target_port, count, ss=None, timeout=30.0, stall_tim
     conns, failures = [], {}
     held = pending = 0
     start = last_progress = time.monotonic()
-    last_echo = None
+    last_echo = first_echo = None
+    echo_times = {}  # conn -> time of its echo
     timed_out = stalled = False
+    handed_over = set()  # connections given to the caller (keep=True): not closed here
 
     def fail(conn, reason, n=1):
         nonlocal pending
@@ -243,6 +348,8 @@ def socks5_ramp(socks_port, target_port, count, ss=None, timeout=30.0, stall_tim
                     held += 1
                     pending -= 1
                     last_echo = last_progress
+                    first_echo = first_echo or last_echo
+                    echo_times[conn] = last_echo
                 else:
                     sel.modify(conn.sock, conn.events(), conn)
         elapsed = time.monotonic() - start
@@ -261,6 +368,7 @@ def socks5_ramp(socks_port, target_port, count, ss=None, timeout=30.0, stall_tim
             "timed_out": timed_out,
             "stalled": stalled,
             "failures": failures,
+            "first_echo": first_echo,
         }
         if ss is not None:
             time.sleep(hold_seconds)  # everything still held; lets the counter flush
@@ -273,9 +381,13 @@ def socks5_ramp(socks_port, target_port, count, ss=None, timeout=30.0, stall_tim
                 "too_many_open_files": ss.fd_error_count() - fd_before,
                 "too_many_open_files_total": ss.fd_error_count(),
             })
+        if keep:
+            kept = [c for c in conns if c.state == _HELD]
+            result["kept"] = HeldConnections([c.sock for c in kept], [echo_times[c] for c in kept])
+            handed_over.update(kept)
         return result
     finally:
         for conn in conns:
-            if conn.state != _FAILED:
+            if conn.state != _FAILED and conn not in handed_over:
                 conn.sock.close()
         sel.close()

@@ -216,3 +216,35 @@ def test_a_pidfile_that_is_a_directory_a_dangling_link_or_not_a_pid_gives_none(t
         assert procfs.pid_from(str(tmp_path / "bad.pid")) is None, text
     (tmp_path / "ok.pid").write_text(" 4242 \nmore\n")
     assert procfs.pid_from(str(tmp_path / "ok.pid")) == 4242
+
+
+def test_a_daemon_of_another_pid_namespace_is_not_this_boxs(tmp_path):
+    """A container's ss-server (here a real process in a child PID namespace,
+    `unshare --pid --fork`, as nspawn and docker start them) shows in this
+    box's /proc, but its service and files are the container's: it is not
+    found for raising, restarting or judging; the same program started here is."""
+    if not procfs.pid_namespace("self"):
+        pytest.skip("/proc/self/ns/pid cannot be read here")
+    fake = tmp_path / "ss-server"
+    fake.symlink_to("/bin/sleep")
+    here = subprocess.Popen([str(fake), "30"])
+    there = subprocess.Popen(["unshare", "--pid", "--fork", str(fake), "30"])
+    try:
+        wait_until_exec(here.pid, fake)
+        inner = None
+        deadline = time.monotonic() + 10
+        while inner is None and time.monotonic() < deadline:
+            children = [pid for pid, (_, _, ppid) in procfs.process_table().items() if ppid == there.pid]
+            inner = next((pid for pid in children if procfs.proc_argv(pid)[:1] == [str(fake)]), None)
+            time.sleep(0.01)
+        assert inner, "unshare --pid --fork did not start its child (needs CAP_SYS_ADMIN)"
+        assert procfs.pid_namespace(inner) != procfs.pid_namespace("self")
+        assert not procfs.in_this_pid_namespace(inner) and procfs.in_this_pid_namespace(here.pid)
+        named = procfs.named_processes(procfs.process_table(), {"ss-server"})
+        assert named.get(here.pid) == "ss-server" and inner not in named
+        found = limits.processes(procfs.process_table(), {"shadowsocks_libev": daemons.KINDS["shadowsocks_libev"]})
+        assert here.pid in found and inner not in found
+    finally:
+        for proc in (here, there):
+            proc.kill()
+            proc.wait()
