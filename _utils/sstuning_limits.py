@@ -280,10 +280,13 @@ def _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, n
         elif unknown:
             said += f": systemd also read {', '.join(unknown)}, which is gone or not where unit_dirs looks"
         result["warnings"].append(said + "; systemd starts the unit with what it says")
-    if wanted == configured and not ours:
-        capped = f"; systemd gives {_show(units.clamp(configured, ceiling))} here: capped at the box's ceiling " \
-                 f"{ceiling}" if units.clamp(configured, ceiling) != configured else ""
-        result["comment"] = (f"{unit}: LimitNOFILE {_show(configured)} from {base['before_source']} is in place; "
+    # A drop-in read after ours that already gives enough makes ours useless.
+    covered = bool(base["after"]) and not force and _enough(base["limit"], nofile, ceiling, raises_soft)
+    if (wanted == configured or covered) and not ours:
+        given, source = (base["limit"], base["source"]) if covered else (configured, base["before_source"])
+        capped = f"; systemd gives {_show(units.clamp(given, ceiling))} here: capped at the box's ceiling " \
+                 f"{ceiling}" if units.clamp(given, ceiling) != given else ""
+        result["comment"] = (f"{unit}: LimitNOFILE {_show(given)} from {source} is in place; "
                              f"no drop-in needed{capped}")
         if result["overridden"]:
             result["comment"] += f"; but {result['overridden'][0]}"

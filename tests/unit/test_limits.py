@@ -288,7 +288,7 @@ def test_a_dropin_is_written_only_for_an_installed_unit(opts, tmp_path):
     nofile = min(16384, HARD)
     planned = limits.plan_file(opts, target, nofile, False, HARD)
     default_soft, default_hard = units.default_limit(NR_OPEN)
-    hard = max(nofile, min(default_hard, HARD))
+    hard = max(nofile, default_hard)  # the configured hard is kept: systemd clamps it itself
     assert planned["changed"] and planned["path"] == units.dropin_path(opts["systemd_dir"], target["unit"])
     assert planned["new"] == (str(nofile) if hard == nofile else f"{nofile}:{hard}")
     assert not os.path.exists(planned["path"])  # planned, not written
@@ -325,7 +325,8 @@ def test_a_dropin_is_judged_after_override_conf_and_names_a_later_one_that_wins(
     planned = limits.plan_file(opts, dropin_target("ss.service"), 16384, False, NR_OPEN)
     assert planned["changed"] and planned["new"] == "16384"
     (note,) = planned["overridden"]
-    assert note == f"{late} sets LimitNOFILE=2048 and is read after {planned['path']}: it wins"
+    assert note == (f"{late} sets LimitNOFILE=2048 and is read after {planned['path']}: it wins, so ss.service "
+                    f"gets 2048, below 16384; raise it there or remove it")
     # A later drop-in that already gives enough: nothing to write.
     late.write_text("[Service]\nLimitNOFILE=65536\n")
     planned = limits.plan_file(opts, dropin_target("ss.service"), 16384, False, NR_OPEN)

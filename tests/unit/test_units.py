@@ -101,20 +101,25 @@ def test_override_conf_is_read_before_this_package_s_dropin_and_zz_after_it(dirs
     unit.write_text(limit(32768))
     ours = units.dropin_path(str(etc), "ss.service")
     override = put(etc, "ss.service", "override.conf", limit(4096))  # systemctl edit
-    put(lib, "ss.service", units.DROPIN_NAME, limit(1))  # ours once written in /etc hides it: left out
+    shipped = put(lib, "ss.service", units.DROPIN_NAME, limit(1))  # ours once written in /etc hides it: left out
     late = put(etc, "ss.service", "zz-limits.conf", limit("1024:2048"))
     later = put(run, "ss.service", "zzz.conf", limit(""))  # an empty value: back to DefaultLimitNOFILE
     got = effective(dirs, "ss.service", skip=ours)
-    assert (got["limit"], got["source"]) == ((4096, 4096), override)  # what ours must not go below
+    assert (got["before"], got["before_source"]) == ((4096, 4096), override)  # what ours must not go below
     assert got["after"] == [(late, (1024, 2048)), (later, DEFAULT)]
+    assert (got["limit"], got["source"]) == (DEFAULT, later)  # the last one wins in the end
     # Without a drop-in of ours to place, every file counts, the last one winning.
-    assert effective(dirs, "ss.service") == {"limit": DEFAULT, "source": later, "after": []}
+    whole = effective(dirs, "ss.service")
+    assert (whole["limit"], whole["source"], whole["after"]) == (DEFAULT, later, [])
+    assert whole["files"] == [str(unit), override, shipped, late, later]
 
 
 def test_a_unit_without_limit_gets_the_default(dirs):
     (dirs[2] / "ss.service").write_text("[Service]\nExecStart=/bin/true\n[Install]\nLimitNOFILE=7\n")
     # LimitNOFILE outside [Service] is not the service's.
-    assert effective(dirs, "ss.service") == {"limit": DEFAULT, "source": "DefaultLimitNOFILE", "after": []}
+    got = effective(dirs, "ss.service")
+    assert (got["limit"], got["source"], got["after"]) == (DEFAULT, "DefaultLimitNOFILE", [])
+    assert (got["before"], got["before_source"]) == (DEFAULT, "DefaultLimitNOFILE")
 
 
 # --------------------------------------------------------------------------
@@ -195,7 +200,9 @@ def test_show_reads_systemctl_s_merged_values():
         return 0, output
 
     got = units.show(run, "systemctl", ["ss.service", "xray.service", "gone.service", "ss-server@.service"], NR_OPEN)
-    assert got == {"ss.service": (1024, 524288), "xray.service": (NR_OPEN, NR_OPEN)}
+    assert {unit: shown["limit"] for unit, shown in got.items()} == {
+        "ss.service": (1024, 524288), "xray.service": (NR_OPEN, NR_OPEN)}
+    assert not got["ss.service"]["reload"] and got["ss.service"]["dropins"] == []
     (argv,) = calls
     assert argv[-4:] == ["--", "ss.service", "xray.service", "gone.service"]  # a template is not a unit to show
     assert units.show(lambda argv: (1, ""), "systemctl", ["ss.service"], NR_OPEN) == {}
