@@ -27,8 +27,9 @@ from salt.exceptions import CommandExecutionError, SaltInvocationError
 __virtualname__ = "shadowsocks_tuning"
 __func_alias__ = {"set_": "set"}
 
-# The engines are flat files imported by name: Salt's loader puts the synced
-# utils on sys.path while it imports this file (file_roots + sync_all,
+# The engines are flat files imported by name, all of them here: Salt's loader
+# puts the synced utils on sys.path only while it imports this file (an import
+# inside a function fails in a minion daemon) (file_roots + sync_all,
 # salt-ssh), a pip install's entry point puts its own copy there. `fresh()`
 # forgets engines a re-sync replaced (see sstuning_imports).
 try:
@@ -36,6 +37,8 @@ try:
 
     with fresh():
         import sstuning_catalogue
+        import sstuning_container
+        import sstuning_diagnose
         import sstuning_journal
         import sstuning_limits
         import sstuning_plan
@@ -422,8 +425,6 @@ def container(format="compose", profile=None, service="shadowsocks", kind="shado
         salt-call shadowsocks_tuning.container format=docker profile=bbr
         salt-call --out=json shadowsocks_tuning.container format=kubernetes | jq -r .local.text
     """
-    with fresh():
-        import sstuning_container
     sstuning_container.validate_format(format)
     sstuning_container.validate_service(service)
     resolved, options = _settings({"profile": profile})
@@ -506,8 +507,6 @@ def diagnose(headroom=20, critical=5, names=None, previous=None, save=True):
         salt-call shadowsocks_tuning.diagnose
         salt '*' shadowsocks_tuning.diagnose headroom=30
     """
-    with fresh():
-        import sstuning_diagnose
     limits = []
     for value, where, low in ((headroom, "headroom", 0), (critical, "critical", 0)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < 100:

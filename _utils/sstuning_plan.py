@@ -139,7 +139,9 @@ def remake(plan, pillar, test=False):
 
 def fail(plan):
     """Stop a call that acts: every problem the plan found, and that nothing was written."""
-    raise CommandExecutionError("\n".join(plan.errors) + "\nNothing was changed")
+    text = "\n".join(plan.errors)
+    # A pillar that did not resolve says so already, with what to fix.
+    raise CommandExecutionError(text if "\nNothing was changed" in text else text + "\nNothing was changed")
 
 
 def remember_limits(plan, part=None):

@@ -208,15 +208,17 @@ def test_a_busy_ss_server_is_raised_in_place_and_keeps_every_connection(make_mas
         assert not [key for key in changes if key.startswith("service ")], changes
         assert "stopped and started" not in comment and "restarts" not in comment, comment
         # The files for the next start: the ulimit line and minfds; Debian's
-        # MAXFD=32768 is more than this box can grant, so it never took
-        # effect: it is replaced by the value asked for, and the comment says why.
+        # MAXFD=32768 is more than this box can grant: it gives the ceiling at
+        # most, so it is replaced by the ceiling (never by the lower value
+        # asked for), and the comment says why.
         assert {path: (changes[path]["old"], changes[path]["new"]) for path in MANAGED} == {
             "/etc/default/supervisor": (None, str(LIMIT)),
             "/etc/supervisor/supervisord.conf": (None, str(LIMIT)),
-            "/etc/default/shadowsocks-libev": ("32768", str(LIMIT)),
+            "/etc/default/shadowsocks-libev": ("32768", str(grant["limit"])),
         }, changes
-        assert (f"/etc/default/shadowsocks-libev: MAXFD would be set to {LIMIT} (now 32768); 32768 cannot be "
-                f"granted here (at most {grant['limit']}), so it never took effect") in comment, comment
+        assert (f"/etc/default/shadowsocks-libev: MAXFD would be set to {grant['limit']} (now 32768); soft 32768 "
+                f"cannot be granted here (at most {grant['limit']}): it gives {grant['limit']} at most, so "
+                f"{grant['limit']} is kept") in comment, comment
         assert snapshot() == original
         assert (server.supervisord_pid(), rig.ss.pid()) == (sup_pid, ss_pid)
         assert ssrig.read_nofile_limits(ss_pid) == (1024, hard)
@@ -237,13 +239,13 @@ def test_a_busy_ss_server_is_raised_in_place_and_keeps_every_connection(make_mas
                                                                         for pid in rig_tree}, changes
         assert (f"ss-server (pid {ss_pid}) raised in place from {old} to {new} (read back from "
                 f"/proc/{ss_pid}/limits; no connection was cut)") in comment, comment
-        assert (f"32768 cannot be granted here (at most {grant['limit']}), so it never took effect") in comment
+        assert f"32768 cannot be granted here (at most {grant['limit']})" in comment, comment
         assert (server.supervisord_pid(), rig.ss.pid()) == (sup_pid, ss_pid), "restarted"
         for pid in rig_tree:
             assert ssrig.read_nofile_limits(pid) == (LIMIT, hard), pid
         assert pathlib.Path("/etc/default/supervisor").read_bytes().endswith(f"\nulimit -n {LIMIT}\n".encode())
         assert f"\nminfds={LIMIT}" in pathlib.Path("/etc/supervisor/supervisord.conf").read_text()
-        assert f"\nMAXFD={LIMIT}\n" in pathlib.Path("/etc/default/shadowsocks-libev").read_text()
+        assert f"\nMAXFD={grant['limit']}\n" in pathlib.Path("/etc/default/shadowsocks-libev").read_text()
 
         # Not one connection lost, the errors stopped, and the ramp goes on
         # well above the old limit with the same ss-server.

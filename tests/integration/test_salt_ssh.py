@@ -184,7 +184,11 @@ def test_the_engines_are_shipped_as_flat_utils_files(fleet_salt_ssh_cli, fleet_w
     the box has no installed package to fall back on."""
     loaded = fleet_salt_ssh_cli.run("shadowsocks_tuning.settings")
     assert loaded.returncode == 0, loaded  # the module loaded: its engines were importable
-    assert loaded.data["nofile"] == 51200, loaded.data  # the default: plain calls get no pillar (see below)
+    # The default (plain calls get no pillar, see below): the recipe's 51200,
+    # or the most this box can grant, said in the notes.
+    nofile = loaded.data["nofile"]
+    assert nofile == 51200 or (nofile < 51200 and any(
+        note.startswith(f"nofile {nofile}: the most this box can grant") for note in loaded.data["notes"])), loaded.data
 
     extmods = fleet_salt_ssh_cli.run("config.get", "extension_modules")
     assert extmods.returncode == 0, extmods
