@@ -537,7 +537,9 @@ def daemons():
     The kinds of daemon whose open-file limit this package manages, after
     pillar ``shadowsocks:tuning:limits``: per kind its programs, plugins,
     service, units, defaults file, configs, whether it raises its own soft
-    limit, and the processes of it running now.
+    limit, the processes of it running now, and ``left_alone``: why a
+    multi-protocol server is not managed here (no shadowsocks inbound), or
+    None.
 
     CLI Example:
 
@@ -545,10 +547,11 @@ def daemons():
 
         salt-call shadowsocks_tuning.daemons
     """
-    resolved, _ = _settings()
+    resolved, options = _settings()
     kinds = resolved["limits"]["kinds"]
     table = sstuning_procfs.process_table()
     running = sstuning_limits.processes(table, kinds)
     return {name: dict(kind, running=[f"{p['name']}[{p['pid']}] {p['soft']}:{p['hard']}" for p in running.values()
-                                      if p["kind"] == name])
+                                      if p["kind"] == name],
+                       left_alone=sstuning_limits.not_serving(options, name, kind))
             for name, kind in kinds.items()}

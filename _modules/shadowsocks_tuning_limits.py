@@ -233,7 +233,7 @@ def raise_live(nofile=None, pidfiles=None, names=None, test=False):
     """
     resolved, options = _settings({"nofile": nofile})
     pidfiles = _pidfiles(pidfiles)
-    kinds = resolved["limits"]["kinds"]
+    kinds = sstuning_limits.serving(options, resolved["limits"]["kinds"])
     table = sstuning_procfs.process_table()
     found = sstuning_limits.processes(table, kinds)
     if names is not None:
@@ -456,7 +456,8 @@ def nofile(nofile=None, names=None, pidfiles=None, wait=0, wanted=None, plan=Non
         table = plan.limits["table"] if plan.fresh_for("processes") and not plan.pending else None
     else:
         resolved, options = _settings({"nofile": nofile})
-    kinds = resolved["limits"]["kinds"]
+    kinds = (plan.limits["kinds"] if table is not None
+             else sstuning_limits.serving(options, resolved["limits"]["kinds"]))
     wait = sstuning_settings.validate_seconds(wait, "wait", 0, 600)
     # Under systemd a daemon below nofile is explained from what systemctl show says of its unit.
     systemctl = sstuning_services.find_systemctl(options) if resolved["limits"]["init_system"] == "systemd" else None

@@ -555,18 +555,15 @@ def _paths(paths_or_globs):
                 yield path
 
 
-def config_ports(paths_or_globs, fmt, fields, skipped=None):
-    """{port: "path (field)"} from the config files that ``paths_or_globs``
-    name (a glob such as ``/etc/shadowsocks-libev/*.json`` expands sorted),
-    read as ``fmt``. A file is read through a symbolic link, but one that is
+def _read(paths_or_globs, fmt, skipped):
+    """(path, data) of every config file that ``paths_or_globs`` name (a glob
+    such as ``/etc/shadowsocks-libev/*.json`` expands sorted), read as
+    ``fmt``. A file is read through a symbolic link, but one that is
     missing, not a regular file (a directory, a named pipe: never waited
     on), over MAX_BYTES or unparsable is skipped; ``skipped``, a list, gets
     a line saying why for each."""
     if fmt not in FORMATS:
         raise ValueError(f"config format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
-    for field in fields:
-        _steps(field)  # a bad field is the caller's mistake, not the config's: raise it
-    found = {}
     for path in _paths(paths_or_globs):
         try:
             text = journal.read_text(path, max_bytes=MAX_BYTES)
@@ -580,6 +577,23 @@ def config_ports(paths_or_globs, fmt, fields, skipped=None):
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 skipped.append(reason if reason.startswith(path) else f"{path}: {reason}")
             continue
+        yield path, data
+
+
+def config_ports(paths_or_globs, fmt, fields, skipped=None):
+    """{port: "path (field)"} from the config files ``paths_or_globs`` name
+    (read as ``_read`` says)."""
+    for field in fields:
+        _steps(field)  # a bad field is the caller's mistake, not the config's: raise it
+    found = {}
+    for path, data in _read(paths_or_globs, fmt, skipped):
         for port, field in ports(data, fields).items():
             found.setdefault(port, f"{path} ({field})")
     return found
+
+
+def config_values(paths_or_globs, fmt, field, skipped=None):
+    """[(path, value)] of ``field`` (a key such as ``nofile``, or a field
+    path) in each config file ``paths_or_globs`` name that has it."""
+    steps = _steps(field)
+    return [(path, value) for path, data in _read(paths_or_globs, fmt, skipped) for value in _values(data, steps)]

@@ -27,8 +27,10 @@ import time
 
 from salt.exceptions import CommandExecutionError, SaltInvocationError
 
+import sstuning_configs as configs
 import sstuning_journal as journal
 import sstuning_lines as lines
+import sstuning_ports as ports
 import sstuning_procfs as procfs
 import sstuning_services as services
 import sstuning_units as units
@@ -322,6 +324,42 @@ def write_file(options, planned):
 # --------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------
+def not_serving(options, name, kind):
+    """Why a multi-protocol server (``needs_ports``: xray, v2ray, sing-box)
+    is left alone: none of its configs has a shadowsocks inbound, or None."""
+    found = kind.get("needs_ports") and ports.kind_configs(options, name, kind)
+    if not found or ports.kind_config_ports(found):
+        return None
+    return (f"{name}: no config in {', '.join(found['paths'])} has a shadowsocks inbound: its open-file limit is "
+            f"left alone (pillar {LIMITS}:{name}:configs names other paths)")
+
+
+def serving(options, kinds):
+    """``kinds`` without the multi-protocol servers that serve no shadowsocks here (``not_serving``)."""
+    return {name: kind for name, kind in kinds.items() if not not_serving(options, name, kind)}
+
+
+def _present(options, kind, table):
+    """Whether a kind is on this box at all: a unit installed, a program running."""
+    return (any(units.unit_file(options["unit_dirs"], unit) for unit in kind.get("units") or ())
+            or bool(procfs.named_processes(table, set(kind["programs"]))))
+
+
+def config_limits(options, name, kind, nofile):
+    """What a kind's own configs set its limit to at start (``config_limit``:
+    shadowsocks-libev's and shadowsocks-rust's ``nofile`` key, with which
+    the server sets both its limits when it starts), where that is below
+    ``nofile``: [note]. Such a value wins over every file this package
+    writes at the daemon's next start; it is read, never written."""
+    key, found = kind.get("config_limit"), ports.kind_configs(options, name, kind)
+    if not key or not found:
+        return []
+    return [f"{path} sets {key} {value}: {name} sets its open-file limit to it when it starts, below nofile "
+            f"{nofile}; raise it there or remove it (this package never writes a server's config)"
+            for path, value in configs.config_values(found["paths"], found["format"], key)
+            if isinstance(value, int) and not isinstance(value, bool) and 0 < value < nofile]
+
+
 def processes(table, kinds, extra=()):
     """Every running process of ``kinds``, and the processes ``extra`` (pids:
     the trees of the init scripts pillar names, whatever their names):
@@ -415,10 +453,20 @@ def plan(settings, options, table=None):
     if limits["init_system"] == "systemd":
         shown = show_units(options, [t["unit"] for groups in limits["parts"].values() for g in groups
                                      for t in g["files"] if t["kind"] == "dropin"], nr_open, limits["timeout"])
-    parts = {}
+    table = procfs.process_table() if table is None else table
+    parts, kinds, held = {}, dict(limits["kinds"]), {}
     for part, groups in limits["parts"].items():
         kind = limits["kinds"].get(part, {})
         parts[part] = []
+        idle = not_serving(options, part, kind)
+        if idle:
+            # A multi-protocol server with no shadowsocks inbound is not ours.
+            del kinds[part]
+            if _present(options, kind, table):
+                notes.append(idle)
+            continue
+        held[part] = config_limits(options, part, kind, nofile)
+        notes.extend(held[part])
         for group in groups:
             planned = []
             for target in group["files"]:
@@ -437,21 +485,21 @@ def plan(settings, options, table=None):
                 notes.extend(item["overridden"] + item.get("warnings", []))
                 planned.append(item)
             parts[part].append({"files": planned, "restart": group["restart"], "restart_why": None})
-    table = procfs.process_table() if table is None else table
     # The whole tree of every service named by a pidfile (a kind's, an init
     # script's), whatever its programs are called: a raise in place must
     # reach what its restart would (supervisord's programs inherit its
     # limits), and verify judges that whole tree.
     roots = [procfs.pid_from(g["restart"]["pidfile"]) for groups in limits["parts"].values() for g in groups
              if g["restart"] and g["restart"].get("pidfile")]
-    found = processes(table, limits["kinds"], procfs.subtree(table, [pid for pid in roots if pid]))
+    found = processes(table, kinds, procfs.subtree(table, [pid for pid in roots if pid]))
     members = _members(table, settings, parts, found)
     cap = procfs.has_cap_sys_resource("self")
     for pid, proc in sorted(found.items()):
         member = members.get(pid)
         decision = decide_process(proc, nofile, cap, functools.partial(procfs.may_set_limits, pid, cap),
                                   limits["restart"], member)
-        blocked = member and [o for item in parts[member[0]][member[1]]["files"] for o in item["overridden"]]
+        blocked = member and ([o for item in parts[member[0]][member[1]]["files"] for o in item["overridden"]]
+                              + held.get(member[0], []))
         if decision["action"] == "restart" and blocked:
             # A restart would cut its connections and still start it below nofile.
             decision = {"action": "left", "target": None,
@@ -476,7 +524,7 @@ def plan(settings, options, table=None):
             f"systemd clamps LimitNOFILE silently; lower it to {granted['limit']} or less, or give salt (or systemd) "
             "CAP_SYS_RESOURCE")
     return {"parts": parts, "processes": found, "errors": errors, "notes": notes, "manage": manage,
-            "skipped": skipped, "grantable": granted, "table": table}
+            "skipped": skipped, "grantable": granted, "table": table, "kinds": kinds}
 
 
 def show_units(options, names, nr_open, timeout):

@@ -10,12 +10,14 @@ files, /proc and sock_diag only.
 
 import contextlib
 import functools
+import glob
 import os
 import socket
 import struct
 
 import sstuning_configs as configs
 import sstuning_procfs as procfs
+from sstuning_settings import OPTIONS
 
 # linux/sock_diag.h, linux/inet_diag.h, linux/netlink.h
 _NETLINK_SOCK_DIAG = 4
@@ -25,9 +27,18 @@ _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _TCP_ESTABLISHED, _TCP_LISTEN, _TCP_CLOSE = 1, 10, 7  # a bound UDP socket shows as TCP_CLOSE
 
 
+def kind_configs(options, name, kind):
+    """The configs of one kind of daemon (``{paths, format, ports}`` of the
+    registry or pillar) on this box, or None."""
+    found = kind.get("configs")
+    if found and name == "shadowsocks_libev" and options["ss_config_dir"] != OPTIONS["ss_config_dir"]:
+        # The minion option of earlier releases moves libev's config directory.
+        found = dict(found, paths=[os.path.join(glob.escape(options["ss_config_dir"]), "*.json")])
+    return found
+
+
 def kind_config_ports(kind_configs):
-    """{port: "path (field)"} from the configs of one kind of daemon
-    (``{paths, format, ports}`` of the registry or pillar)."""
+    """{port: "path (field)"} from the configs of one kind of daemon."""
     return configs.config_ports(kind_configs["paths"], kind_configs["format"], kind_configs["ports"])
 
 

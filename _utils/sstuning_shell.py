@@ -429,6 +429,8 @@ class Scan:
                 raise _Confused(self.line, "a function name without `()`")
             # ------------------------------------------------- operators
             if kind == "nl":
+                if not words and before in ("|", "&&", "||"):
+                    continue  # a pipeline or an and-or list goes on past the newline
                 end("\n")
                 before, closed = "\n", False
                 continue

@@ -11,7 +11,6 @@ the minion options (``sstuning_settings.options``) as plain values.
 """
 
 import errno
-import glob
 import os
 import re
 import shutil
@@ -28,7 +27,7 @@ from sstuning_catalogue import (
     CATALOGUE, CONGESTION_KEY, RECIPE, RESERVED_PORTS_KEY, absent_is_satisfied, keep_higher, kept_note, parse_ports,
     ports_text,
 )
-from sstuning_settings import OPTIONS, PILLAR
+from sstuning_settings import PILLAR
 
 MODULES_LOAD_NAME = "shadowsocks-tuning.conf"
 
@@ -309,12 +308,9 @@ def config_ports(options, kinds):
     """{port: "path (field)"} from the configs of every kind of daemon."""
     found = {}
     for name, kind in kinds.items():
-        kind_configs = kind.get("configs")
+        kind_configs = ports.kind_configs(options, name, kind)
         if not kind_configs:
             continue
-        if name == "shadowsocks_libev" and options["ss_config_dir"] != OPTIONS["ss_config_dir"]:
-            # The minion option of earlier releases moves libev's config directory.
-            kind_configs = dict(kind_configs, paths=[os.path.join(glob.escape(options["ss_config_dir"]), "*.json")])
         for port, where in ports.kind_config_ports(kind_configs).items():
             found.setdefault(port, where)
     return found

@@ -41,8 +41,9 @@ def test_apply_cost_runs_and_prints_its_table(tmp_path):
 
     for label in ("tuned: first apply", "tuned: re-run", "stock sysctl.present", "empty SLS"):
         assert re.search(rf"^{re.escape(label)}\s+\d+\s+{NUMBER}\s+(?:{NUMBER}|-)\s+{NUMBER}", stdout, re.M), (label, stdout)
-    for check in ("first apply: sysctl state / stock states", "re-run: sysctl state / stock states",
-                  "first apply: whole command over empty SLS", "re-run: whole command over empty SLS"):
+    # The targets of the spine issue: all states against stock, CPU against an empty SLS.
+    for check in ("first apply: all states / stock states", "re-run: all states / stock states",
+                  "first apply: CPU of salt-call over empty SLS", "re-run: CPU of salt-call over empty SLS"):
         assert re.search(rf"^{re.escape(check)}\s+[-+]?{NUMBER}%?\s+<= \S+\s+(MET|MISSED)", stdout, re.M), (check, stdout)
 
     assert data["runs"] == 1

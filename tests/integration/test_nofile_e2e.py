@@ -216,7 +216,7 @@ def test_a_busy_ss_server_is_raised_in_place_and_keeps_every_connection(make_mas
             "/etc/supervisor/supervisord.conf": (None, str(LIMIT)),
             "/etc/default/shadowsocks-libev": ("32768", str(grant["limit"])),
         }, changes
-        assert (f"/etc/default/shadowsocks-libev: MAXFD would be set to {grant['limit']} (now 32768); soft 32768 "
+        assert (f"/etc/default/shadowsocks-libev: MAXFD would be set to {grant['limit']} (now 32768); 32768 "
                 f"cannot be granted here (at most {grant['limit']}): it gives {grant['limit']} at most, so "
                 f"{grant['limit']} is kept") in comment, comment
         assert snapshot() == original

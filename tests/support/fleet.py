@@ -576,16 +576,17 @@ def settings_outside(settings, root):
             found.append(f"{what}: {path}")
 
     check(settings["config"], "config")
-    for pidfile in settings["verify"]["pidfiles"]:
+    limits = settings["limits"]
+    for pidfile in limits["verify"]["pidfiles"]:
         check(pidfile, "verify pidfile")
-    for part, groups in settings["limits"].items():
+    for part, groups in limits["parts"].items():
         for group in groups:
             for target in group["files"]:
                 if target["path"] is None:
                     found.append(f"{part}: systemd drop-in for {target.get('unit')}")
                 else:
                     check(target["path"], f"{part} {target['kind']}")
-            if group["restart"] and settings["restart"] != "never":
+            if group["restart"] and limits["restart"] != "never":
                 found.append(f"{part}: stops and starts {group['restart']['name']}")
     return found
 

@@ -137,3 +137,18 @@ def test_no_key_means_plain_numbers_higher_is_more():
 def test_a_live_value_that_is_not_a_number_gives_the_wanted_one(key, live):
     wanted = "4096 87380 4194304" if key == "net.ipv4.tcp_rmem" else "16384"
     assert catalogue.keep_higher(key, wanted, live) == (wanted, ())
+
+
+def test_effects_are_the_measured_lines_of_the_effect_benchmark():
+    """`explain` says what each profile buys: EFFECTS must be exactly what
+    bench/effect measured (bench/results/effect.json), for every built-in
+    profile it ran; bench/effects_to_catalogue copies them."""
+    import json
+    import pathlib
+
+    data = json.loads((pathlib.Path(__file__).parents[2] / "bench/results/effect.json").read_text())
+    measured = {name: line.split(": ", 1)[1] for name, line in data["what_it_buys"].items()
+                if name in catalogue.PROFILES}
+    assert measured and catalogue.EFFECTS == measured
+    machine = data["machine"]
+    assert catalogue.EFFECTS_MEASURED == f"bench/effect, {machine['date']}, commit {machine['commit']}"

@@ -265,3 +265,53 @@ def test_a_process_its_service_started_is_planned_for_a_restart(opts, daemon, tm
     assert restart["name"] == "sst-probe" and restart["changed"]
     assert restart["comment"].startswith("sst-probe would be stopped and started (service sst-probe stop, then start)")
     assert tight.poll() is None and limits_of(tight.pid) == (1024, 1024)
+
+
+# --------------------------------------------------------------------------
+# What a kind's own configs say
+# --------------------------------------------------------------------------
+def test_a_server_config_that_sets_a_lower_nofile_is_named_and_no_restart_is_planned_for_it(opts, daemon, tmp_path):
+    """shadowsocks' own `nofile` key (libev's jconf, shadowsocks-rust's
+    config) sets both limits when the server starts: a lower value there
+    wins over every file this package writes, so it is named, and a restart
+    (which would come back at that value) is not planned."""
+    config = tmp_path / "server.json"
+    config.write_text('{"server_port": 8388, "nofile": 2048}')
+    tight = daemon(1024, 1024)
+    kind = {"config_limit": "nofile", "service": "probe-service", "pidfile": str(tmp_path / "probe.pid"),
+            "defaults_file": str(tmp_path / "default"), "defaults_limit": "MAXFD",
+            "configs": {"paths": [str(tmp_path / "*.json")], "format": "json", "ports": ["server_port"]}}
+    (tmp_path / "probe.pid").write_text(f"{tight.pid}\n")
+    planned = limits.plan(settings_for(opts, daemon, **kind), opts)
+    assert planned["errors"] == []
+    (note,) = [n for n in planned["notes"] if "sets nofile" in n]
+    assert note == (f"{config} sets nofile 2048: {PART} sets its open-file limit to it when it starts, below nofile "
+                    f"{NOFILE}; raise it there or remove it (this package never writes a server's config)")
+    proc = planned["processes"][tight.pid]
+    if not cap_sys_resource() and NOFILE > 1024:
+        assert proc["action"] == "left" and "a restart would not help" in proc["why"], proc
+    # Enough there: nothing to say, and the usual decision.
+    config.write_text('{"server_port": 8388, "nofile": 1048576}')
+    planned = limits.plan(settings_for(opts, daemon, **kind), opts)
+    assert not [n for n in planned["notes"] if "sets nofile" in n]
+
+
+def test_a_multi_protocol_server_without_a_shadowsocks_inbound_is_left_alone(opts, daemon, tmp_path):
+    """needs_ports (xray, v2ray, sing-box): only a shadowsocks inbound makes
+    them this package's business; one serving vless only is not planned,
+    raised or judged, and the plan says why."""
+    config = tmp_path / "config.json"
+    config.write_text('{"inbounds": [{"protocol": "vless", "port": 443}]}')
+    proc = daemon(1024, HARD or 1024)
+    kind = {"needs_ports": True, "raises_soft": True,
+            "configs": {"paths": [str(config)], "format": "jsonc", "ports": ["inbounds[protocol=shadowsocks].port"]}}
+    planned = limits.plan(settings_for(opts, daemon, **kind), opts)
+    assert proc.pid not in planned["processes"] and PART not in planned["kinds"]
+    assert (f"{PART}: no config in {config} has a shadowsocks inbound: its open-file limit is left alone (pillar "
+            f"shadowsocks:tuning:limits:{PART}:configs names other paths)") in planned["notes"]
+    # verify, from settings alone, leaves it out too.
+    assert PART not in limits.serving(opts, settings_for(opts, daemon, **kind)["limits"]["kinds"])
+    config.write_text('{"inbounds": [{"protocol": "vless", "port": 443}, {"protocol": "shadowsocks", "port": 8388}]}')
+    planned = limits.plan(settings_for(opts, daemon, **kind), opts)
+    assert proc.pid in planned["processes"] and PART in planned["kinds"]
+    assert not [n for n in planned["notes"] if "shadowsocks inbound" in n]

@@ -131,7 +131,9 @@ def test_a_bad_pillar_gives_a_plan_of_errors_and_no_halves(opts, pillar):
     assert planned.stamps == {} and not planned.stale()
     with pytest.raises(CommandExecutionError) as err:
         plan_mod.fail(planned)
-    assert str(err.value).endswith("\nNothing was changed")
+    # Said once: the pillar's own message already says nothing was changed, and what to fix.
+    assert str(err.value).endswith("\nNothing was changed: fix the pillar (or arguments) above")
+    assert str(err.value).count("Nothing was changed") == 1
 
 
 def test_a_broken_record_of_originals_is_an_error_of_the_plan(opts, pillar, tmp_path):

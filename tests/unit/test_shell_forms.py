@@ -129,6 +129,9 @@ REFUSED_ULIMIT = [
     ("A=1; ulimit -n 700\n", 1, "shares its line with other commands (`;`)"),
     ("ulimit -n 700 &\n", 1, "shares its line with other commands (`&`)"),
     ("echo | ulimit -n 700\n", 1, "shares its line with other commands (`|`)"),
+    # A pipeline or an and-or list goes on past a newline: the ulimit runs in it.
+    ("echo |\nulimit -n 700\n", 2, "shares its line with other commands (`|`)"),
+    ("true &&\n\nulimit -n 700\n", 3, "shares its line with other commands (`&&`)"),
     ("! ulimit -n 700\n", 1, "shares its line with other commands (`!`)"),
     ("ulimit -n 700 2>/dev/null\n", 1, "has redirections or more words"),
     ("ulimit -SHn 700\n", 1, "combines -S and -H: dash (Debian's /bin/sh) applies only the last one named (here "
