@@ -95,6 +95,12 @@ def plan(settings, live, available=(), allowed=(), config_ports=None):
             left_out[key] = (f"the profile asks only for the kernel default {text}: the container inherits the "
                              "host's; name it in pillar sysctls to set it")
             continue
+        if have is None and key in CATALOGUE and scope(key) != "netns":
+            # Global, and not visible from this network namespace: the host's to
+            # set, where apply judges it against the host's value.
+            host[key] = text
+            notes.append(f"{key}: global and not visible here; the host keeps it if it already has more")
+            continue
         probe = writable if have is not None or key not in CATALOGUE else {
             "status": "absent", "reason": "this kernel has no such key (removed)"}
         cc = choose_congestion(text, settings.get("congestion_fallback"), list(available), list(allowed), True) \
@@ -120,6 +126,9 @@ def plan(settings, live, available=(), allowed=(), config_ports=None):
                     f"{port} ({config_ports[port]})" for port in sorted(config_ports)))
         elif decision["why"] in ("partly-kept", "fallback"):
             notes.append(f"{key}: {describe(decision)}")
+        if decision["target"] is None:
+            left_out[key] = describe(decision)
+            continue
         if key not in CATALOGUE:
             notes.append(f"{key}: not in this package's catalogue; {scope(key)} scope guessed from its name")
         (container if scope(key) == "netns" else host)[key] = decision["target"]
@@ -205,23 +214,24 @@ def container(settings, fmt, live, available=(), allowed=(), config_ports=None, 
     planned = plan(settings, live, available, allowed, config_ports)
     notes = list(planned["notes"])
     raises_soft = bool(kind and kind.get("raises_soft"))
-    limit = ulimits(settings["nofile"], raises_soft)
+    nofile = settings.get("nofile_asked", settings["nofile"])  # not capped at this box's ceiling
+    limit = ulimits(nofile, raises_soft)
     if limit is None:
-        notes.append(f"nofile {settings['nofile']}: no ulimits needed: {kind['name']} raises its soft limit to its "
+        notes.append(f"nofile {nofile}: no ulimits needed: {kind['name']} raises its soft limit to its "
                      f"hard limit by itself, and the runtime's default hard limit ({RUNTIME_NOFILE[1]}) is higher")
     else:
-        notes.append(f"nofile {limit[0]}:{limit[1]}: at least {settings['nofile']}, and never below the runtime's "
+        notes.append(f"nofile {limit[0]}:{limit[1]}: at least {nofile}, and never below the runtime's "
                      f"default {RUNTIME_NOFILE[0]}:{RUNTIME_NOFILE[1]} (docker >= 25, containerd >= 2; older docker "
                      "gives 1048576:1048576: there leave ulimits out)")
     if fmt == "kubernetes":
-        notes.append(f"nofile {settings['nofile']}: a pod spec cannot set it; the runtime's default applies "
+        notes.append(f"nofile {nofile}: a pod spec cannot set it; the runtime's default applies "
                      "(containerd and docker: their service's LimitNOFILE, or dockerd --default-ulimit)")
     return {
         "format": fmt,
         "profile": settings["profile"],
         "text": render(fmt, settings["profile"], planned["sysctls"], limit, planned["host_only"], service),
         "sysctls": planned["sysctls"],
-        "nofile": settings["nofile"],
+        "nofile": nofile,
         "ulimits": {"soft": limit[0], "hard": limit[1]} if limit else None,
         "host_only": planned["host_only"],
         "unsafe_in_kubernetes": unsafe_in_kubernetes(planned["sysctls"]),

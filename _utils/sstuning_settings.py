@@ -486,6 +486,8 @@ def _resolve_limits(settings, pick, errors, box, nofile_unset):
             f"nofile {granted}: the most this box can grant ({resolved['init_system']}); the recipe's "
             f"{RECIPE_NOFILE} would fail here. Set pillar {PILLAR}:nofile to choose another value")
     settings["nofile"] = errors.call(validate_nofile, value, box["nr_open"], at)
+    # What was asked before this box's ceiling: a container definition is for another box.
+    settings["nofile_asked"] = RECIPE_NOFILE if nofile_unset else settings["nofile"]
 
     parts, kinds, known = {}, {}, {}
     for name in list(daemons.KINDS) + sorted(k for k in raw if k not in DEFAULTS["limits"] and k not in daemons.KINDS):

@@ -177,3 +177,29 @@ def test_bad_arguments_name_themselves(argument, value):
     kwargs = {"service": value} if argument == "service" else {}
     with pytest.raises(SaltInvocationError, match=f"^{argument}: "):
         run(value if argument == "format" else "compose", **kwargs)
+
+
+def test_global_keys_a_child_namespace_cannot_see_go_to_the_host_with_their_value():
+    """Run from inside a network namespace (a container), the global keys
+    are not there to read: they are the host's to set, with the profile's
+    value (apply on the host judges them against the host's), never `None`."""
+    live = {key: value for key, value in LIVE.items() if key not in ("net.core.netdev_max_backlog",
+                                                                       "net.core.default_qdisc")}
+    out = container.container(resolve({}, {"profile": "bbr"}), "compose", live, AVAILABLE, ALLOWED)
+    assert out["host_only"]["net.core.netdev_max_backlog"] == "4096"
+    assert out["host_only"]["net.core.default_qdisc"] == "fq"
+    assert None not in out["host_only"].values() and None not in out["sysctls"].values()
+    assert "#   net.core.default_qdisc = fq" in out["text"]
+
+
+def test_an_unset_nofile_is_the_recipe_s_even_where_this_box_grants_less():
+    """A container definition is for the box that runs it: this box's
+    ceiling (the notes' `the most this box can grant`) does not cap it."""
+    box = {"grantable": {"sysvinit": 20000, "systemd": 20000}, "nr_open": 1048576, "systemd": False}
+    settings = resolve({}, None, box)
+    assert settings["nofile"] == 20000 and settings["nofile_asked"] == 51200
+    out = container.container(settings, "compose", LIVE, AVAILABLE, ALLOWED)
+    assert out["nofile"] == 51200 and out["ulimits"] == {"soft": 51200, "hard": 524288}
+    # Asked for in pillar: that value.
+    assert container.container(resolve({"nofile": 16384}, None, box), "compose", LIVE, AVAILABLE,
+                               ALLOWED)["ulimits"] == {"soft": 16384, "hard": 524288}
