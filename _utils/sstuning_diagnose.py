@@ -370,7 +370,8 @@ def _fd_findings(current, previous, warn, critical, nofile):
         prev = before.get(pid)
         prev_open = prev["open"] if prev and prev.get("name") == name else None
         wanted = f" (wanted: {nofile})" if nofile else ""
-        fix = (f"raise pillar {_NOFILE}{wanted}, {_APPLY}: the daemon is stopped and started with it"
+        fix = (f"raise pillar {_NOFILE}{wanted}, {_APPLY}: the running daemon is raised in place (restart: "
+               "live), restarted only where that cannot reach it"
                if soft is None or nofile is None or soft < nofile else
                f"the daemon already has {_NOFILE} ({nofile}): raise it, {_APPLY}")
         out.append(_finding(

@@ -540,6 +540,10 @@ def restore(state_dir, proc_root, managed, test, force=False):
         try:
             if text is None:
                 os.unlink(path)
+                if path.endswith(".conf") and os.path.dirname(path).endswith(".service.d"):
+                    # A drop-in directory (UNIT.service.d) left empty says nothing: tidy it.
+                    with contextlib.suppress(OSError):
+                        os.rmdir(os.path.dirname(path))  # fails, and is kept, while anything is in it
             else:
                 atomic_write(path, text)
         except OSError as exc:

@@ -196,14 +196,7 @@ def plan_file(options, target, nofile, force, ceiling, raises_soft=False, shown=
         new_text = lines.render_assignment(text, target["key"], str(wanted[1]), path)[0]
     else:
         new_text = lines.render_minfds(text, wanted[1], path)[0]
-    change = journal.file_change(path, new_text, text)
-    if change is None:
-        result["comment"] = f"{path}: {what} {_show(wanted)} is in place"
-        return result
-    result.update(changed=True, diff=change["diff"], text=new_text, notes=notes,
-                  comment=f"{path}: {what} would be set to {_show(wanted)} (now {old or 'not set'})"
-                          + (f"; {'; '.join(notes)}" if notes else ""))
-    return result
+    return _changed(result, what, wanted, old or "not set", text, new_text, notes)
 
 
 def _show(pair):
@@ -294,13 +287,18 @@ def _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, n
             result["comment"] += f"; but {result['overridden'][0]}"
         return result
     new_text = units.render_dropin(wanted[0], wanted[1], unit)
+    return _changed(result, "LimitNOFILE", wanted, result["old"], text, new_text, notes)
+
+
+def _changed(result, what, wanted, old, text, new_text, notes):
+    """The end of every file's plan: in place, or the change with its comment."""
+    path = result["path"]
     change = journal.file_change(path, new_text, text)
-    suffix = f" ({'; '.join(notes)})" if notes else ""
     if change is None:
-        result["comment"] = f"{path}: LimitNOFILE {_show(wanted)} is in place{suffix}"
+        result["comment"] = f"{path}: {what} {_show(wanted)} is in place" + (f" ({'; '.join(notes)})" if notes else "")
         return result
     result.update(changed=True, diff=change["diff"], text=new_text, notes=notes,
-                  comment=f"{path}: LimitNOFILE would be set to {_show(wanted)} (now {result['old']})"
+                  comment=f"{path}: {what} would be set to {_show(wanted)} (now {old})"
                           + (f"; {'; '.join(notes)}" if notes else ""))
     return result
 

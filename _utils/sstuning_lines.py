@@ -19,6 +19,7 @@ from salt.exceptions import CommandExecutionError
 
 import sstuning_shell as shell
 import sstuning_shellforms as shellforms
+from sstuning_sysctld import split_lines as _split_lines
 from sstuning_shell import check_shell  # noqa: F401 (part of this toolkit's interface)
 
 NOFILE_COMMENT = "# Open-file limit, managed by Salt (shadowsocks_tuning)"
@@ -33,14 +34,20 @@ _MINFDS = re.compile(r"^(?P<key>minfds)(?P<sep>[ \t]*[=:][ \t]*)(?P<value>[^;#\s
 # "\n" only, so CRLF endings, stray control characters and a missing final
 # newline all survive byte for byte.
 # --------------------------------------------------------------------------
-def _split_lines(text):
-    """[(body, ending)]: ending is "\\n", "\\r\\n" or "" (a last line without newline)."""
-    parts = (text or "").split("\n")
-    last = parts.pop()
-    lines = [(part[:-1], "\r\n") if part.endswith("\r") else (part, "\n") for part in parts]
-    if last:
-        lines.append((last, ""))
-    return lines
+def _rewrite_first(lines, entries, replace):
+    """(lines, first): the first managed line (``entries``, in order) given
+    by ``replace(entry, ending)`` as [(body, ending)], the later ones
+    dropped (the first now says it all), every other line kept; first is
+    None when there is none."""
+    managed = {entry["line"]: entry for entry in entries}
+    first = entries[0]["line"] if entries else None
+    out = []
+    for number, (body, ending) in enumerate(lines, 1):
+        if number == first:
+            out.extend(replace(managed[number], ending))
+        elif number not in managed:
+            out.append((body, ending))
+    return out, first
 
 
 def _join(lines):
@@ -203,18 +210,12 @@ def _render_ulimit(text, soft, hard, path, placement):
     reader = _read_shell(text, path, placement, parse=False)  # _verify runs sh -n
     lines = _split_lines(text)
     bodies = _ulimit_bodies(soft, hard)
-    managed = {entry["line"]: entry for entry in reader.ulimits}
-    first = reader.ulimits[0]["line"] if reader.ulimits else None
-    out = []
-    for number, (body, ending) in enumerate(lines, 1):
-        if number == first:
-            entry = managed[number]
-            new = [entry["indent"] + bodies[0] + entry["tail"]] + [entry["indent"] + b for b in bodies[1:]]
-            out.extend((line, "\n") for line in new)
-            if not ending:  # it was the last line, without newline: keep that shape
-                out[-1] = (out[-1][0], "")
-        elif number not in managed:  # later managed lines are dropped: the first one now says it all
-            out.append((body, ending))
+    def replace(entry, ending):
+        new = [entry["indent"] + bodies[0] + entry["tail"]] + [entry["indent"] + b for b in bodies[1:]]
+        # A last line without newline keeps that shape.
+        return [(line, "\n") for line in new[:-1]] + [(new[-1], "\n" if ending else "")]
+
+    out, first = _rewrite_first(lines, reader.ulimits, replace)
     if first is None:
         index = _init_insert_index(out) if placement == "init" else len(out)
         out = _insert_lines(out, index, [NOFILE_COMMENT] + bodies, "\n")
@@ -265,17 +266,12 @@ def render_assignment(text, key, value, path):
         raise CommandExecutionError(f"{path}: {key} value {value!r} is not a plain value a shell reads as written")
     reader = _read_shell(text, path, key=key, parse=False)  # _verify runs sh -n
     lines = _split_lines(text)
-    managed = {entry["line"]: entry for entry in reader.assignments}
-    first = reader.assignments[0]["line"] if reader.assignments else None
-    out = []
-    for number, (body, ending) in enumerate(lines, 1):
-        if number == first:
-            entry = managed[number]
-            quote = entry["quote"]
-            out.append((f"{entry['indent']}{entry['export']}{key}={quote}{value}{quote}{entry['tail']}",
-                        "\n" if ending else ""))
-        elif number not in managed:
-            out.append((body, ending))
+    def replace(entry, ending):
+        quote = entry["quote"]
+        return [(f"{entry['indent']}{entry['export']}{key}={quote}{value}{quote}{entry['tail']}",
+                 "\n" if ending else "")]
+
+    out, first = _rewrite_first(lines, reader.assignments, replace)
     if first is None:
         out = _insert_lines(out, len(out), [NOFILE_COMMENT, f"{key}={value}"], "\n")
     new_text = _join(_keep_final_newline(lines, out))

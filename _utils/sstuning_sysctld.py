@@ -77,8 +77,10 @@ def _systemd(body):
     return found
 
 
-def _lines(text):
-    """[(body, ending)] split on "\n" only; ending is "\n", "\r\n" or ""."""
+def split_lines(text):
+    """[(body, ending)] split on "\n" only, where sysctl --system, systemd-sysctl
+    and dash split (CRLF endings, stray control characters and a missing final
+    newline survive byte for byte); ending is "\n", "\r\n" or ""."""
     parts = (text or "").split("\n")
     last = parts.pop()
     lines = [(part[:-1], "\r\n") if part.endswith("\r") else (part, "\n") for part in parts]
@@ -91,7 +93,7 @@ def readings(text):
     """[(line_index, procps, systemd)] for every "\n" line: procps is
     (key, value) or None, systemd a list of (key, value)."""
     out = []
-    for index, (body, ending) in enumerate(_lines(text)):
+    for index, (body, ending) in enumerate(split_lines(text)):
         raw = body + ("\r" if ending == "\r\n" else "")
         out.append((index, _procps(raw, bool(ending)), _systemd(raw)))
     return out
@@ -140,7 +142,7 @@ def render_conf(old, values, dropped, profile_name):
     it as a comment) and the key set on a line of its own. Every other line,
     its bytes and line ending, is kept."""
     old = old or ""
-    lines = _lines(old)
+    lines = split_lines(old)
     eol = "\r\n" if lines and lines[0][1] == "\r\n" else "\n"
     touched_keys = set(values) | set(dropped)
     seen = set()

@@ -297,6 +297,7 @@ def test_a_dropin_is_written_only_for_an_installed_unit(opts, tmp_path):
     assert not limits.plan_file(opts, target, nofile, False, HARD)["changed"]
     restore(opts)
     assert not os.path.exists(planned["path"])  # created by us: removed
+    assert not os.path.exists(os.path.dirname(planned["path"]))  # and its UNIT.d, left empty
 
 
 @pytest.mark.parametrize("value", ["1000000", "infinity"])
