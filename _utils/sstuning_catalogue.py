@@ -181,20 +181,20 @@ DEFAULT_PROFILE = "low-latency"
 # ss-local -> a 50-100 ms delay line -> ss-server, 1000 busy slow clients,
 # 2000 idle ones): the `what_it_buys` lines of bench/results/effect.json, which
 # tests/unit/test_catalogue.py holds this table to. `explain` shows them.
-EFFECTS_MEASURED = "bench/effect, 2026-12-03 15:00 UTC, commit d6695cb"
+EFFECTS_MEASURED = "bench/effect, 2026-12-03 18:45 UTC, commit 2d67ecd"
 EFFECTS = {
     "high-latency": ("not applied here: 'hybla' is not available (available: reno bbr cubic); modprobe tcp_hybla"
         " failed: exit 1. Load tcp_hybla, choose another profile (low-latency uses cubic), or set "
         "pillar shadowsocks:tuning:congestion_fallback"),
-    "low-latency": ("1.6x single-stream throughput at 100 ms, 1x 8-stream throughput at 100 ms, 1x the kernel "
-        "socket memory of ss-server with 1000 busy clients, ss-server RSS 0.97x, ss-server RSS "
-        "0.89x with 2000 idle connections"),
-    "low-memory": ("1.4x single-stream throughput at 100 ms, 0.86x 8-stream throughput at 100 ms, 0.4x the "
-        "kernel socket memory of ss-server with 1000 busy clients, ss-server RSS 1x, ss-server RSS "
-        "0.97x with 2000 idle connections"),
-    "bbr": ("1.4x single-stream throughput at 100 ms, 0.77x 8-stream throughput at 100 ms, 0.39x the "
-        "kernel socket memory of ss-server with 1000 busy clients, ss-server RSS 1x, ss-server RSS "
-        "0.99x with 2000 idle connections"),
+    "low-latency": ("1.6x single-stream throughput at 100 ms, 0.95x 8-stream throughput at 100 ms, 0.83x the "
+        "kernel socket memory of ss-server with 1000 busy clients, ss-server RSS 1.1x, ss-server "
+        "RSS 1.1x with 2000 idle connections"),
+    "low-memory": ("1.5x single-stream throughput at 100 ms, 0.95x 8-stream throughput at 100 ms, 0.26x the "
+        "kernel socket memory of ss-server with 1000 busy clients, ss-server RSS 1.1x, ss-server "
+        "RSS 0.99x with 2000 idle connections"),
+    "bbr": ("1.5x single-stream throughput at 100 ms, 0.71x 8-stream throughput at 100 ms, 0.25x the "
+        "kernel socket memory of ss-server with 1000 busy clients, ss-server RSS 1.1x, ss-server "
+        "RSS 1.1x with 2000 idle connections"),
 }
 
 # Dot-separated segments; the kernel's own names (interfaces under conf/,

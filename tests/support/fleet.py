@@ -30,6 +30,8 @@ from saltfactories.cli.call import SaltCall
 from saltfactories.daemons.minion import SaltMinion
 from saltfactories.daemons.sshd import Sshd
 
+import sstuning_daemons as daemons
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FLEET_SUPERNET = "10.213"  # /16 the per-run /24 is carved from
 
@@ -521,6 +523,8 @@ class TuningSandbox:
                                "config": str(limits / "supervisord.conf")},
                 "shadowsocks_libev": {"service": None, "pidfile": None, "units": [],
                                       "defaults_file": str(limits / "shadowsocks-libev")},
+                # The other kinds of the registry are the host's (they share its /etc): left alone.
+                **{kind: None for kind in daemons.KINDS if kind not in ("supervisor", "shadowsocks_libev")},
                 "init_scripts": [],
                 "units": [],
                 # a pidfile no daemon writes: the /proc check sees no host process
