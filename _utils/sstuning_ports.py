@@ -119,14 +119,16 @@ def live_connections(root_pid):
     return len(held)
 
 
-def listening_ports(names, wanted_range=None, table=None):
+def listening_ports(names, wanted_range=None, table=None, known=()):
     """{port: "ss-server (pid N)"} for every socket a process called one of
     ``names`` (in this network namespace) listens on. Only sockets whose
     port lies in ``wanted_range`` (low, high) need an owner: ports outside the
-    local port range are never picked for outbound connections anyway."""
+    local port range are never picked for outbound connections anyway; nor
+    do ports in ``known`` (already reserved, or from a config): with none
+    left, no process is looked at (a re-run on a box of many servers)."""
     sockets = listening_sockets()
-    if wanted_range:
-        sockets = {inode: port for inode, port in sockets.items() if wanted_range[0] <= port <= wanted_range[1]}
+    low, high = wanted_range or (1, 65535)
+    sockets = {inode: port for inode, port in sockets.items() if low <= port <= high and port not in known}
     if not sockets:
         return {}
     own_netns = os.readlink("/proc/self/ns/net")
@@ -140,4 +142,6 @@ def listening_ports(names, wanted_range=None, table=None):
                 continue
             for inode in sorted(_socket_inodes(pid) & sockets.keys()):
                 found.setdefault(sockets[inode], f"{name} (pid {pid})")
+        if len(found) == len(set(sockets.values())):
+            break  # every port has its owner
     return found

@@ -10,6 +10,7 @@ Every function takes resolved settings (``sstuning_settings.resolve``) and
 the minion options (``sstuning_settings.options``) as plain values.
 """
 
+import contextlib
 import errno
 import os
 import re
@@ -316,7 +317,7 @@ def config_ports(options, kinds):
     return found
 
 
-def _found_ports(settings, options, live_range, kinds, table):
+def _found_ports(settings, options, live_range, kinds, table, live_reserved=None):
     """Every port shadowsocks listens on or is configured for, {port: where}:
     the configs of every kind of daemon, and the listening sockets of its
     processes inside the outbound range (the wider of the live and the
@@ -328,7 +329,11 @@ def _found_ports(settings, options, live_range, kinds, table):
     names = set()
     for kind in kinds.values():
         names.update(kind["programs"])
-    for port, where in ports.listening_ports(names, (low, high), table).items():
+    # A port already reserved needs no owner: the merge keeps what the kernel has.
+    known = set(found)
+    with contextlib.suppress(SaltInvocationError):
+        known |= parse_ports(live_reserved or "")
+    for port, where in ports.listening_ports(names, (low, high), table, known).items():
         found.setdefault(port, where)
     return found
 
@@ -417,7 +422,7 @@ def plan(settings, options, test, kinds=None, table=None):
             module = cc["module"]
         if probe["status"] == "writable" and key == RESERVED_PORTS_KEY:
             live_range = procfs.read_or(root, "net.ipv4.ip_local_port_range", "1 65535").split()
-            found = _found_ports(settings, options, live_range, kinds, table)
+            found = _found_ports(settings, options, live_range, kinds, table, live)
         decisions[key] = decide(key, text, live, probe, settings, persisted.get(key), cc, found)
     writes = {k: (d["live"], d["target"]) for k, d in decisions.items()
               if d["target"] is not None and d["live"] is not None and d["live"] != d["target"]}
