@@ -250,7 +250,8 @@ def _plan_dropin(options, target, result, nofile, force, ceiling, raises_soft, n
     extra = shown["dropins"] if shown and not shown["reload"] else ()
     try:
         base = units.effective(options["unit_dirs"], unit, nr_open, default, skip=path, extra=extra)
-        now = units.effective(options["unit_dirs"], unit, nr_open, default, extra=extra)
+        # With ours: only compared with what systemctl show says, when it said anything.
+        now = units.effective(options["unit_dirs"], unit, nr_open, default, extra=extra) if shown else None
     except ValueError as exc:
         raise CommandExecutionError(f"{exc}: systemd ignores it; fix that line")
     configured = base["before"]
