@@ -350,7 +350,7 @@ def apply(profile=None, sysctls=None, config=None, force=None, policy=None, cong
                     sstuning_journal.originals_path(planned.options["state_dir"])}:
                 sstuning_journal.remove_stray_temporaries(path)
         result = sstuning_sysctl.apply(planned.settings, planned.options, half)
-        planned.written("sysctl")
+        planned.written("sysctl", changed=bool(result["changes"]))
     return {key: result[key] for key in ("changes", "comment", "errors", "profile")}
 
 
@@ -466,6 +466,8 @@ def clean(test=False, force=False):
     managed = sstuning_sysctl.managed_paths(resolved, options) | sstuning_limits.managed_paths(resolved, options)
     with contextlib.nullcontext() if test else sstuning_journal.lock(options["state_dir"]):
         changes = sstuning_journal.restore(options["state_dir"], options["proc_root"], managed, bool(test), bool(force))
+        if changes and not test:
+            sstuning_journal.bump(options["state_dir"])  # a run waiting on the lock plans again
         return sstuning_limits.reload_after_clean(resolved, options, changes, bool(test))
 
 

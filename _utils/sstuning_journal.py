@@ -211,6 +211,23 @@ def remove_stray_temporaries(path):
 # --------------------------------------------------------------------------
 # Originals, so that `clean` can put back what it found
 # --------------------------------------------------------------------------
+def generation_path(state_dir):
+    return os.path.join(state_dir, "generation")
+
+
+def generation(state_dir):
+    """How many writes this box's runs have made under the lock (0: none yet)."""
+    text = read_text(generation_path(state_dir)) or "0"
+    return int(text) if text.strip().isdigit() else 0
+
+
+def bump(state_dir):
+    """After a write under the lock: a run that planned before it took the
+    lock sees its plan is stale, also when only live values changed (no
+    stamp of a file says that)."""
+    atomic_write(generation_path(state_dir), f"{generation(state_dir) + 1}\n", mode=0o600, durable=False)
+
+
 def originals_path(state_dir):
     return os.path.join(state_dir, "originals.json")
 

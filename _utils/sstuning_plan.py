@@ -41,12 +41,13 @@ class Plan(dict):
     """
 
     def __init__(self, arguments, test, options, settings=None, sysctl_half=None, limits_half=None,
-                 originals=None, pending=(), errors=()):
+                 originals=None, pending=(), errors=(), seen=None):
         self.arguments, self.test, self.options, self.settings = dict(arguments), bool(test), options, settings
         self.sysctl, self.limits, self.originals = sysctl_half, limits_half, originals
         self.pending, self.errors, self.used = list(pending), list(errors), set()
-        # What the plan read from disk: another run that writes meanwhile makes it stale.
-        self.stamps = {path: journal.stamp(path) for path in self._paths()}
+        # What the plan read from disk, looked at *before* reading it (``seen``):
+        # another run that writes meanwhile, even a moment later, makes it stale.
+        self.stamps, self.generation = seen or _seen(settings, options)
         super().__init__(
             ok=not self.errors,
             errors=self.errors,
@@ -56,22 +57,20 @@ class Plan(dict):
             pending_restarts=self.pending,
         )
 
-    def _paths(self):
-        paths = set()
-        if self.settings:
-            paths |= sysctl.managed_paths(self.settings, self.options) | limits.managed_paths(self.settings, self.options)
-            paths |= {journal.originals_path(self.options["state_dir"]), journal.restarts_path(self.options["state_dir"])}
-        return sorted(paths)
-
     def stale(self):
-        """Whether a file the plan read has changed since (another run wrote it)."""
-        return any(journal.stamp(path) != stamp for path, stamp in self.stamps.items())
+        """Whether another run wrote since the plan looked: a file it read
+        changed, or a write under the lock (live values too) was counted."""
+        return (journal.generation(self.options["state_dir"]) != self.generation
+                or any(journal.stamp(path) != stamp for path, stamp in self.stamps.items()))
 
-    def written(self, half):
-        """After a write of this run: ``half`` is consumed, and what it wrote
-        is the plan's new view of those files."""
+    def written(self, half, changed=True):
+        """After a write of this run: ``half`` is consumed, the write is
+        counted for other runs (when it ``changed`` anything), and what it
+        wrote is the plan's new view of those files."""
         self.used.add(half)
-        self.stamps = {path: journal.stamp(path) for path in self.stamps}
+        if changed:
+            journal.bump(self.options["state_dir"])
+        self.stamps, self.generation = _seen(self.settings, self.options)
 
     def fresh_for(self, half):
         """Whether ``half`` (``sysctl``, ``limits:PART``, ``processes``) can
@@ -79,6 +78,15 @@ class Plan(dict):
         if half == "processes":
             return not any(u.startswith("limits:") for u in self.used)
         return half not in self.used
+
+
+def _seen(settings, options_):
+    """(stamps of the files a plan of ``settings`` reads, the write count)."""
+    paths = set()
+    if settings:
+        paths |= sysctl.managed_paths(settings, options_) | limits.managed_paths(settings, options_)
+        paths |= {journal.originals_path(options_["state_dir"]), journal.restarts_path(options_["state_dir"])}
+    return {path: journal.stamp(path) for path in sorted(paths)}, journal.generation(options_["state_dir"])
 
 
 def _limits_view(half):
@@ -111,6 +119,7 @@ def make(options_, pillar, arguments, test):
         settings = resolve(options_, pillar, arguments)
     except SaltInvocationError as exc:
         return Plan(arguments, test, options_, errors=[str(exc)])
+    seen = _seen(settings, options_)  # before anything is read
     # One look at the processes for the whole run: the ports the kernel half
     # reserves and the limits half's raises read the same table.
     table = procfs.process_table()
@@ -123,7 +132,7 @@ def make(options_, pillar, arguments, test):
         pending = journal.pending_restarts(options_["state_dir"])
     except CommandExecutionError as exc:
         errors.append(str(exc))
-    return Plan(arguments, test, options_, settings, sysctl_half, limits_half, originals, pending, errors)
+    return Plan(arguments, test, options_, settings, sysctl_half, limits_half, originals, pending, errors, seen)
 
 
 def remake(plan, pillar, test=False):

@@ -106,6 +106,36 @@ def test_the_record_of_originals_changing_makes_the_plan_stale(opts, pillar, scr
     assert planned.stale()
 
 
+def test_another_runs_write_makes_the_plan_stale_even_when_no_file_changed(opts, pillar):
+    # Two runs planned before either took the lock; the first writes only
+    # live values (nothing a file's stamp would show) and counts its write.
+    waiting = plan_mod.make(opts, pillar, {}, test=True)
+    first = plan_mod.make(opts, pillar, {}, test=True)
+    assert not waiting.stale()
+    first.written("sysctl", changed=True)
+    assert journal.generation(opts["state_dir"]) == 1
+    assert waiting.stale() and not first.stale()
+    # A write that changed nothing is not counted.
+    plan_mod.remake(waiting, pillar, test=True)
+    first.written("sysctl", changed=False)
+    assert not waiting.stale() and journal.generation(opts["state_dir"]) == 1
+
+
+def test_the_plan_looks_at_its_files_before_it_reads_them(opts, pillar, monkeypatch):
+    # A write that lands while the plan is reading (after it read the file,
+    # before it is done) must make it stale: the stamps come first.
+    real = plan_mod.sysctl.plan
+
+    def plan_then_another_run_writes(settings, options_, test, table=None):
+        half = real(settings, options_, test, table=table)
+        with open(settings["config"], "w") as handle:
+            handle.write("net.core.somaxconn = 4096\n")
+        return half
+
+    monkeypatch.setattr(plan_mod.sysctl, "plan", plan_then_another_run_writes)
+    assert plan_mod.make(opts, pillar, {}, test=True).stale()
+
+
 def test_remake_updates_the_object_in_place(opts, pillar):
     planned = plan_mod.make(opts, pillar, {}, test=True)
     held = planned  # what the run's other states hold
