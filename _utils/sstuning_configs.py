@@ -81,8 +81,20 @@ def _token_regex(line_comment, comment_start):
 _PLAIN = {_STRING_DQ: (_STRING_DQ, False), _STRING_DQ_COMMA: (_STRING_DQ, True),
           _STRING_SQ: (_STRING_SQ, False), _STRING_SQ_COMMA: (_STRING_SQ, True)}
 _COMMENTS = {"json5": ("//", "/"), "jsonc": ("(?://|#)", "/#")}  # the line comment; what any comment starts with
-_TOKENS = {fmt: _token_regex(*comments) for fmt, comments in _COMMENTS.items()}
-_SKIP = {fmt: re.compile(_skip_regex(*comments)) for fmt, comments in _COMMENTS.items()}
+
+
+# Compiled at the first config read, not at import: compiling them costs
+# about 10 ms, paid on every salt-call that loads this file, and most boxes
+# have no config to parse.
+@functools.lru_cache(maxsize=None)
+def _tokens(fmt):
+    return _token_regex(*_COMMENTS[fmt])
+
+
+@functools.lru_cache(maxsize=None)
+def _skip(fmt):
+    return re.compile(_skip_regex(*_COMMENTS[fmt]))
+
 _ESCAPE = re.compile(
     r"\\(?:u([0-9a-fA-F]{4})|x([0-9a-fA-F]{2})|(\r\n|[\n\r\u2028\u2029])|(0(?![0-9])|[^0-9xu])|([\s\S]?))"
 )
@@ -112,7 +124,7 @@ def _found(text, offset):
 
 def _no_token(text, fmt, offset):
     """Why no token starts at ``offset`` (after its whitespace and comments)."""
-    offset = _SKIP[fmt].match(text, offset).end()
+    offset = _skip(fmt).match(text, offset).end()
     rest = text[offset:offset + 2]
     if rest[:1] in ("'", '"'):
         return _error(text, offset, "a string that does not end on its line (a line break inside a string "
@@ -183,7 +195,7 @@ def _number(token):
 def _json5(text, fmt="json5", constants=True):
     """The value of a JSON5 text; ``constants=False`` refuses NaN and
     Infinity (to place strict JSON's error on them)."""
-    match = _TOKENS[fmt].scanner(text).match
+    match = _tokens(fmt).scanner(text).match
     stack = []  # the open containers, innermost last
     state = "value"
     key = None
@@ -287,7 +299,7 @@ def _json5(text, fmt="json5", constants=True):
 
 def _start(text, fmt, token):
     """Where a token begins, after the whitespace and comments it swallowed."""
-    return _SKIP[fmt].match(text, token.start()).end()
+    return _skip(fmt).match(text, token.start()).end()
 
 
 # ---------------------------------------------------------------------------

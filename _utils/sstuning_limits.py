@@ -733,10 +733,10 @@ def report(proc_root, wanted, names, pidfiles, parents=None, table=None, systemc
         if limits is None:
             continue
         soft, hard = limits
-        entry = {"pid": pid, "name": name, "soft": soft, "hard": hard,
-                 "cap_sys_resource": procfs.has_cap_sys_resource(pid)}
-        entry["ok"] = soft is None or soft >= wanted
+        entry = {"pid": pid, "name": name, "soft": soft, "hard": hard, "ok": soft is None or soft >= wanted}
         if not entry["ok"]:
+            # Only a process below says why: /proc/PID/status costs a scan of 300 servers 4 ms.
+            entry["cap_sys_resource"] = procfs.has_cap_sys_resource(pid)
             low.append(entry)
         processes_.append(entry)
     in_units = {entry["pid"]: units.unit_of(entry["pid"]) for entry in low} if systemctl else {}

@@ -44,6 +44,26 @@ def test_limits_and_capabilities_of_this_process():
     assert procfs.proc_nofile(2**22 + 1) is None  # no such process (above the kernel's pid_max limit)
 
 
+def _limits_file(pid):
+    with open(f"/proc/{pid}/limits") as handle:
+        line = next(line for line in handle if line.startswith("Max open files"))
+    return tuple(None if v == "unlimited" else int(v) for v in line.split()[3:5])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starts a process as nobody")
+def test_the_limits_of_another_users_process_are_read_too():
+    # prlimit(2) answers only for the caller's own user ids (or with
+    # CAP_SYS_RESOURCE, which this box lacks); /proc/PID/limits answers then.
+    proc = subprocess.Popen(["sleep", "30"], user="nobody", group="nogroup",
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (321, 654)))
+    try:
+        wait_until_exec(proc.pid, "sleep")
+        assert procfs.proc_nofile(proc.pid) == _limits_file(proc.pid) == (321, 654)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_nr_open_is_read_from_the_kernel():
     with open("/proc/sys/fs/nr_open") as handle:
         assert procfs.nr_open("/proc/sys") == int(handle.read())
