@@ -176,11 +176,12 @@ def nofile_apply(part=None, test=False, plan=None):  # pylint: disable=redefined
                     f"{exc} (written before that: {', '.join(wrote) or 'nothing'}; their originals are on "
                     "record: state.apply shadowsocks.tuning.clean puts them back)")
             except BaseException:
-                planned.written(f"limits:{name}")
+                planned.written(f"limits:{name}", processes=True)
                 raise
             if not test and (any(item.get("written") for item in done["files"])
                              or any(r["changed"] for r in done["raised"] + done["restarts"])):
-                planned.written(f"limits:{name}")  # what it read of that part is stale now
+                # What it read of that part is stale now; a restart changed the processes too.
+                planned.written(f"limits:{name}", processes=any(r["changed"] for r in done["restarts"]))
             for key in ("files", "raised", "restarts", "errors"):
                 out[key].extend(done[key])
         out["processes"] = [_process_line(p) for p in half["processes"].values()
@@ -451,8 +452,8 @@ def nofile(nofile=None, names=None, pidfiles=None, wait=0, wanted=None, plan=Non
     table = None
     if plan is not None and _plan(plan=plan).settings:
         resolved, options = plan.settings, plan.options
-        # Nothing of this run raised, wrote or restarted: the plan's look at
-        # the processes is still what /proc shows.
+        # Nothing of this run started or stopped a process: the plan's table
+        # of them still holds (their limits are read again, after any raise).
         table = plan.limits["table"] if plan.fresh_for("processes") and not plan.pending else None
     else:
         resolved, options = _settings({"nofile": nofile})

@@ -37,6 +37,10 @@ A kind's fields (all but ``programs`` optional):
                   are kept out of the outbound port range
   needs_ports     True for multi-protocol servers (xray, v2ray, sing-box):
                   managed only where a config has a shadowsocks inbound
+  port_options    its command-line options whose value is a port it
+                  listens on (``-p 8388``, ``-s [::]:8388``): a process
+                  whose every such port is listening is not searched
+                  socket by socket for its ports
 """
 
 # SIP003 plugins: ss-server / ssserver `--plugin` starts one as a child
@@ -86,6 +90,8 @@ KINDS = {
         "defaults_limit": "MAXFD",
         "config_limit": "nofile",
         "configs": {"paths": ["/etc/shadowsocks-libev/*.json"], "format": "json", "ports": _LIBEV_PORTS},
+        # shadowsocks-libev(8): -p server_port, -l local_port, ss-manager's --manager-address.
+        "port_options": ["-p", "-l", "--manager-address"],
     },
     "shadowsocks_rust": {
         "description": "shadowsocks-rust (its Debian packaging, template units, the snap): ssserver, ssservice, ...",
@@ -102,6 +108,8 @@ KINDS = {
         "configs": {"paths": ["/etc/shadowsocks-rust/*.json", "/var/snap/shadowsocks-rust/common/etc/*.json",
                               "/var/snap/shadowsocks-rust/common/etc/shadowsocks-rust/*.json"],
                     "format": "json5", "ports": _RUST_PORTS},
+        # Its README: ssserver -s "[::]:8388", sslocal -b "127.0.0.1:1080".
+        "port_options": ["-s", "--server-addr", "-b", "--local-addr"],
     },
     "outline": {
         "description": "outline-ss-server (Go; its own unit, or Outline's shadowbox state on the host)",
@@ -149,7 +157,7 @@ KINDS = {
 # The fields of a kind, and the ones pillar may set on a built-in kind
 # (paths and names that differ on a box); a kind of pillar's own gives any.
 FIELDS = ("description", "programs", "plugins", "service", "pidfile", "units", "defaults_file", "defaults_limit",
-          "minfds", "config_limit", "raises_soft", "children", "configs", "needs_ports")
+          "minfds", "config_limit", "raises_soft", "children", "configs", "needs_ports", "port_options")
 # Pillar names kept from earlier releases: limits:supervisor:config is the
 # minfds file, limits:supervisor:unit its one unit.
 ALIASES = {"config": "minfds", "unit": "units"}

@@ -37,7 +37,8 @@ class Plan(dict):
     pending             restarts an earlier run began and did not finish
     errors              every problem: any one stops every function that acts
     test                planned as a dry run (no module loaded)
-    used                halves a write has consumed: ``sysctl``, or ``limits:PART``
+    used                what a write has consumed: ``sysctl``, ``limits:PART``, and ``processes``
+                        once a process was started or stopped
     """
 
     def __init__(self, arguments, test, options, settings=None, sysctl_half=None, limits_half=None,
@@ -63,11 +64,15 @@ class Plan(dict):
         return (journal.generation(self.options["state_dir"]) != self.generation
                 or any(journal.stamp(path) != stamp for path, stamp in self.stamps.items()))
 
-    def written(self, half, changed=True):
+    def written(self, half, changed=True, processes=False):
         """After a write of this run: ``half`` is consumed, the write is
         counted for other runs (when it ``changed`` anything), and what it
-        wrote is the plan's new view of those files."""
+        wrote is the plan's new view of those files. ``processes``: it
+        started or stopped a process, so the plan's process table is spent
+        too (a live raise keeps every pid; the limits are read again anyway)."""
         self.used.add(half)
+        if processes:
+            self.used.add("processes")
         if changed:
             journal.bump(self.options["state_dir"])
         self.stamps, self.generation = _seen(self.settings, self.options)
@@ -75,8 +80,6 @@ class Plan(dict):
     def fresh_for(self, half):
         """Whether ``half`` (``sysctl``, ``limits:PART``, ``processes``) can
         still be acted on: no write of this run has consumed it."""
-        if half == "processes":
-            return not any(u.startswith("limits:") for u in self.used)
         return half not in self.used
 
 

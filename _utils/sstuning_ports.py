@@ -119,18 +119,43 @@ def live_connections(root_pid):
     return len(held)
 
 
-def listening_ports(names, wanted_range=None, table=None, known=()):
+def declared_ports(argv, options):
+    """The ports ``argv`` names after one of ``options`` (``-p 8388``,
+    ``--server-addr=[::]:8388``, ``-s 0.0.0.0:8388``); a value that is no
+    port (a path, a host name) names none."""
+    found = set()
+    for index, arg in enumerate(argv):
+        name, equals, value = arg.partition("=")
+        if equals and name in options:
+            pass
+        elif arg in options and index + 1 < len(argv):
+            value = argv[index + 1]
+        else:
+            continue
+        value = value.rpartition(":")[2]  # host:port, [v6]:port, or a bare port
+        if value.isdigit() and 0 < int(value) < 65536:
+            found.add(int(value))
+    return found
+
+
+def listening_ports(names, wanted_range=None, table=None, known=(), port_options=None):
     """{port: "ss-server (pid N)"} for every socket a process called one of
     ``names`` (in this network namespace) listens on. Only sockets whose
     port lies in ``wanted_range`` (low, high) need an owner: ports outside the
     local port range are never picked for outbound connections anyway; nor
     do ports in ``known`` (already reserved, or from a config): with none
-    left, no process is looked at (a re-run on a box of many servers)."""
-    sockets = listening_sockets()
+    left, no process is looked at (a re-run on a box of many servers).
+    ``port_options``: {name: the options whose value is a port it listens
+    on}; a process whose every such port is listening owns those and is not
+    searched socket by socket (readlink of each descriptor: two thirds of a
+    first plan on a box of 300 servers)."""
+    listening = listening_sockets()
     low, high = wanted_range or (1, 65535)
-    sockets = {inode: port for inode, port in sockets.items() if low <= port <= high and port not in known}
+    sockets = {inode: port for inode, port in listening.items() if low <= port <= high and port not in known}
     if not sockets:
         return {}
+    listening, wanted = set(listening.values()), set(sockets.values())
+    port_options = port_options or {}
     own_netns = os.readlink("/proc/self/ns/net")
     found = {}
     for pid, (comm, _, _) in (procfs.process_table() if table is None else table).items():
@@ -140,8 +165,14 @@ def listening_ports(names, wanted_range=None, table=None, known=()):
         with contextlib.suppress(OSError):
             if os.readlink(f"/proc/{pid}/ns/net") != own_netns:
                 continue
-            for inode in sorted(_socket_inodes(pid) & sockets.keys()):
-                found.setdefault(sockets[inode], f"{name} (pid {pid})")
-        if len(found) == len(set(sockets.values())):
+            options = port_options.get(name)
+            declared = declared_ports(procfs.proc_argv(pid), options) if options else set()
+            if declared and declared <= listening:
+                owned = declared & wanted
+            else:
+                owned = {sockets[inode] for inode in _socket_inodes(pid) & sockets.keys()}
+            for port in sorted(owned):
+                found.setdefault(port, f"{name} (pid {pid})")
+        if len(found) == len(wanted):
             break  # every port has its owner
     return found

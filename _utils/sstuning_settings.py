@@ -525,6 +525,7 @@ def _resolve_limits(settings, pick, errors, box, nofile_unset):
 
 _PROGRAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+_OPTION = re.compile(r"--?[A-Za-z0-9][A-Za-z0-9-]{0,63}\Z")
 CONFIG_FORMATS = ("json", "json5", "jsonc", "yaml")
 
 
@@ -582,6 +583,12 @@ def _resolve_kind(name, data, where, errors):
         if not isinstance(kind[field] or False, bool):
             errors.append(f"{where}:{field}: {kind[field]!r} must be true or false")
         kind[field] = kind[field] is True
+    options = kind["port_options"] or []
+    if not isinstance(options, list) or not all(isinstance(o, str) and _OPTION.match(o) for o in options):
+        errors.append(f"{where}:port_options: {kind['port_options']!r} must be a list of command-line options "
+                      "such as -p or --server-addr")
+        options = []
+    kind["port_options"] = list(options)
     if kind["children"] not in (None, "inherit"):
         errors.append(f"{where}:children: {kind['children']!r} must be inherit or null")
     kind["configs"] = _configs(kind["configs"], (builtin or {}).get("configs"), f"{where}:configs", errors)

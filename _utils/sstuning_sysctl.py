@@ -326,14 +326,15 @@ def _found_ports(settings, options, live_range, kinds, table, live_reserved=None
     wanted_range = settings["sysctls"].get("net.ipv4.ip_local_port_range", "").split() or live_range
     low = min(int(live_range[0]), int(wanted_range[0]))
     high = max(int(live_range[1]), int(wanted_range[1]))
-    names = set()
+    names, port_options = set(), {}
     for kind in kinds.values():
         names.update(kind["programs"])
+        port_options.update(dict.fromkeys(kind["programs"], kind.get("port_options") or ()))
     # A port already reserved needs no owner: the merge keeps what the kernel has.
     known = set(found)
     with contextlib.suppress(SaltInvocationError):
         known |= parse_ports(live_reserved or "")
-    for port, where in ports.listening_ports(names, (low, high), table, known).items():
+    for port, where in ports.listening_ports(names, (low, high), table, known, port_options).items():
         found.setdefault(port, where)
     return found
 

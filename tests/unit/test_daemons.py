@@ -44,6 +44,8 @@ def test_every_field_of_a_built_in_kind_is_of_its_documented_type(name):
         "config_limit": lambda v: isinstance(v, str) and VARIABLE.match(v),
         "raises_soft": lambda v: v is True or v is False,
         "needs_ports": lambda v: v is True or v is False,
+        "port_options": lambda v: isinstance(v, list) and v and all(
+            isinstance(o, str) and re.fullmatch(r"--?[A-Za-z0-9][A-Za-z0-9-]*", o) for o in v),
         "children": lambda v: v == "inherit",
         "configs": lambda v: isinstance(v, dict) and set(v) == {"paths", "format", "ports"}
         and all(absolute(p) for p in v["paths"]) and v["format"] in settings_mod.CONFIG_FORMATS

@@ -239,6 +239,10 @@ def test_pillar_adds_a_kind_of_its_own_in_the_registry_shape():
     assert "a kind of your own needs `programs: [...]`" in text
     assert "limits:my:programs: [] must be a list of process names" in refused(
         {"limits": {"my": {"programs": []}}})
+    assert "limits:my:port_options: 'p' must be a list of command-line options such as -p" in refused(
+        {"limits": {"my": {"programs": ["x"], "port_options": "p"}}})
+    assert resolve({"limits": {"my": {"programs": ["x"], "port_options": ["--listen"]}}},
+                   box={"systemd": True})["limits"]["kinds"]["my"]["port_options"] == ["--listen"]
     formats = ", ".join(settings_mod.CONFIG_FORMATS)  # every format sstuning_configs reads
     assert f"limits:my:configs:format: 'toml' must be one of {formats}" in refused(
         {"limits": {"my": {"programs": ["x"], "configs": {"paths": ["/etc/x.toml"], "format": "toml"}}}})
