@@ -141,7 +141,8 @@ PROFILES = {
     },
     "low-memory": {
         "description": "low-latency with tcp_notsent_lowat 16384 and an 8 MiB send ceiling: about a third of the "
-                       "kernel buffer memory busy slow clients hold, at the same throughput (bench/effect)",
+                       "kernel buffer memory busy slow clients hold; many streams on a lossy path lose up to a fifth "
+                       "of their throughput (bench/effect)",
         "include": "low-latency",
         "sysctls": {
             "net.core.rmem_max": 4194304,
@@ -181,20 +182,20 @@ DEFAULT_PROFILE = "low-latency"
 # ss-local -> a 50-100 ms delay line -> ss-server, 1000 busy slow clients,
 # 2000 idle ones): the `what_it_buys` lines of bench/results/effect.json, which
 # tests/unit/test_catalogue.py holds this table to. `explain` shows them.
-EFFECTS_MEASURED = "bench/effect, 2026-12-03 18:45 UTC, commit 2d67ecd"
+EFFECTS_MEASURED = "bench/effect, 2026-12-05 15:48 UTC, commit 833d32c"
 EFFECTS = {
     "high-latency": ("not applied here: 'hybla' is not available (available: reno bbr cubic); modprobe tcp_hybla"
         " failed: exit 1. Load tcp_hybla, choose another profile (low-latency uses cubic), or set "
         "pillar shadowsocks:tuning:congestion_fallback"),
-    "low-latency": ("1.6x single-stream throughput at 100 ms, 0.95x 8-stream throughput at 100 ms, 0.83x the "
-        "kernel socket memory of ss-server with 1000 busy clients, ss-server RSS 1.1x, ss-server "
-        "RSS 1.1x with 2000 idle connections"),
-    "low-memory": ("1.5x single-stream throughput at 100 ms, 0.95x 8-stream throughput at 100 ms, 0.26x the "
-        "kernel socket memory of ss-server with 1000 busy clients, ss-server RSS 1.1x, ss-server "
-        "RSS 0.99x with 2000 idle connections"),
-    "bbr": ("1.5x single-stream throughput at 100 ms, 0.71x 8-stream throughput at 100 ms, 0.25x the "
-        "kernel socket memory of ss-server with 1000 busy clients, ss-server RSS 1.1x, ss-server "
-        "RSS 1.1x with 2000 idle connections"),
+    "low-latency": ("1.6x single-stream throughput at 100 ms, 0.97x 8-stream throughput at 100 ms, 1.2x the "
+        "kernel socket memory of ss-server with 1000 busy clients, ss-server RSS 1x, ss-server RSS "
+        "0.98x with 2000 idle connections"),
+    "low-memory": ("1.6x single-stream throughput at 100 ms, 0.96x 8-stream throughput at 100 ms, 0.34x the "
+        "kernel socket memory of ss-server with 1000 busy clients, ss-server RSS 1x, ss-server RSS "
+        "0.98x with 2000 idle connections"),
+    "bbr": ("1.5x single-stream throughput at 100 ms, 0.93x 8-stream throughput at 100 ms, 0.3x the "
+        "kernel socket memory of ss-server with 1000 busy clients, ss-server RSS 1x, ss-server RSS "
+        "1x with 2000 idle connections"),
 }
 
 # Dot-separated segments; the kernel's own names (interfaces under conf/,
