@@ -124,14 +124,7 @@ def declared_ports(argv, options):
     ``--server-addr=[::]:8388``, ``-s 0.0.0.0:8388``); a value that is no
     port (a path, a host name) names none."""
     found = set()
-    for index, arg in enumerate(argv):
-        name, equals, value = arg.partition("=")
-        if equals and name in options:
-            pass
-        elif arg in options and index + 1 < len(argv):
-            value = argv[index + 1]
-        else:
-            continue
+    for value in procfs.option_values(argv, options):
         value = value.rpartition(":")[2]  # host:port, [v6]:port, or a bare port
         if value.isdigit() and 0 < int(value) < 65536:
             found.add(int(value))

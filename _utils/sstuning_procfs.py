@@ -231,12 +231,22 @@ def pid_from(pidfile):
         os.close(fd)
 
 
+def option_values(argv, names):
+    """The values ``argv`` gives the options in ``names``, in order:
+    ``-p 8388`` and ``--server-addr=[::]:8388`` alike."""
+    values = []
+    for index, arg in enumerate(argv):
+        name, equals, value = arg.partition("=")
+        if arg in names and index + 1 < len(argv):
+            values.append(argv[index + 1])
+        elif equals and name in names:
+            values.append(value)
+    return values
+
+
 def _option(argv, name):
-    """The value after ``name`` in ``argv`` (``--manager-address X``), or None."""
-    for index, arg in enumerate(argv[:-1]):
-        if arg == name:
-            return argv[index + 1]
-    return None
+    """The first value ``argv`` gives option ``name``, or None."""
+    return next(iter(option_values(argv, (name,))), None)
 
 
 def adopted(table):
